@@ -1,0 +1,429 @@
+"""numba CPU kernels.  Private: the public API lives in ``stats`` and ``functional``.
+
+Conventions
+-----------
+* Every kernel accumulates in float64, whatever the input dtype, and writes outputs
+  into arrays allocated by the caller (so the caller picks the output dtype).
+* Parallel kernels split the *leading* axis of C-contiguous data into one contiguous
+  range per thread, keep one partial state per thread, and merge the partial states
+  serially with Chan's formula (the race-free pattern; see STYLE).  The number of
+  ranges is passed in by the caller (``numba.get_num_threads()``), never read from a
+  global, so ``numba.set_num_threads`` is respected.
+* Reductions along a contiguous row use eight explicit partial sums.  That fixes the
+  summation order in the source (deterministic, and vectorizable by LLVM) instead of
+  granting the compiler ``reassoc``, which would also license it to break Welford.
+* No fastmath flags: accuracy of the statistics comes first, and these kernels are
+  memory bound anyway.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from ._welford import chan_merge as _chan_py
+from ._welford import welford_add as _welford_py
+
+_chan = njit(inline="always", cache=True)(_chan_py)
+_welford = njit(inline="always", cache=True)(_welford_py)
+
+_JIT = dict(cache=True, nogil=True)
+
+
+# ---------------------------------------------------------------------------
+# Contiguous-row helpers
+# ---------------------------------------------------------------------------
+
+
+@njit(**_JIT)
+def _row_sum_shifted(v, k):
+    """Σ (v[j] - k) in float64 with eight partial sums."""
+    n = v.shape[0]
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
+    m = n - n % 8
+    for j in range(0, m, 8):
+        s0 += v[j] - k
+        s1 += v[j + 1] - k
+        s2 += v[j + 2] - k
+        s3 += v[j + 3] - k
+        s4 += v[j + 4] - k
+        s5 += v[j + 5] - k
+        s6 += v[j + 6] - k
+        s7 += v[j + 7] - k
+    s = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+    for j in range(m, n):
+        s += v[j] - k
+    return s
+
+
+@njit(**_JIT)
+def _row_sumsq_dev(v, mu):
+    """Σ (v[j] - mu)² in float64 with eight partial sums."""
+    n = v.shape[0]
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
+    m = n - n % 8
+    for j in range(0, m, 8):
+        d0 = v[j] - mu
+        d1 = v[j + 1] - mu
+        d2 = v[j + 2] - mu
+        d3 = v[j + 3] - mu
+        d4 = v[j + 4] - mu
+        d5 = v[j + 5] - mu
+        d6 = v[j + 6] - mu
+        d7 = v[j + 7] - mu
+        s0 += d0 * d0
+        s1 += d1 * d1
+        s2 += d2 * d2
+        s3 += d3 * d3
+        s4 += d4 * d4
+        s5 += d5 * d5
+        s6 += d6 * d6
+        s7 += d7 * d7
+    s = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+    for j in range(m, n):
+        d = v[j] - mu
+        s += d * d
+    return s
+
+
+@njit(**_JIT)
+def _row_sumsq(v):
+    """Σ v[j]² in float64 with eight partial sums."""
+    return _row_sumsq_dev(v, 0.0)
+
+
+@njit(**_JIT)
+def _row_moments(v):
+    """(mean, M2) of a contiguous row: shifted two-pass (the row stays in cache).
+
+    The shift is the row's first value, so a constant row gives mean equal to that
+    value and M2 exactly 0.
+    """
+    n = v.shape[0]
+    k = np.float64(v[0])
+    mu = k + _row_sum_shifted(v, k) / n
+    return mu, _row_sumsq_dev(v, mu)
+
+
+@njit(**_JIT)
+def _row_moments_blocked(v, block):
+    """(n, mean, M2) of a long row, two-pass per block of ``block`` values, Chan-merged."""
+    n = v.shape[0]
+    cn = 0.0
+    cm = 0.0
+    c2 = 0.0
+    for b0 in range(0, n, block):
+        b1 = min(b0 + block, n)
+        mu, m2 = _row_moments(v[b0:b1])
+        cn, cm, c2 = _chan(cn, cm, c2, np.float64(b1 - b0), mu, m2)
+    return cn, cm, c2
+
+
+@njit(**_JIT)
+def _merge_partials(pn, pm, p2):
+    """Chan-merge per-thread partial states (T, F) into (F,) states, in thread order."""
+    T, F = pn.shape
+    n = np.zeros(F)
+    m = np.zeros(F)
+    m2 = np.zeros(F)
+    for t in range(T):
+        for j in range(F):
+            n[j], m[j], m2[j] = _chan(n[j], m[j], m2[j], pn[t, j], pm[t, j], p2[t, j])
+    return n, m, m2
+
+
+# ---------------------------------------------------------------------------
+# Column moments: x of shape (A, M, B), statistics over M for every (a, b)
+# ---------------------------------------------------------------------------
+
+
+@njit(parallel=True, **_JIT)
+def col_moments(x, nthreads, block):
+    """Per-column (n, mean, M2) of ``x`` (A, M, B) reduced over M.
+
+    Rows are split into ``nthreads`` contiguous ranges; each range is processed in
+    blocks of ``block`` rows with a shifted two-pass (the block stays in cache), and
+    each block is Chan-merged into the thread's partial state.  Returns three (A*B,)
+    float64 arrays.
+    """
+    A, M, B = x.shape
+    F = A * B
+    pn = np.zeros((nthreads, F))
+    pm = np.zeros((nthreads, F))
+    p2 = np.zeros((nthreads, F))
+    for t in prange(nthreads):
+        r0 = t * M // nthreads
+        r1 = (t + 1) * M // nthreads
+        k = np.empty(B)
+        s = np.empty(B)
+        for a in range(A):
+            for b0 in range(r0, r1, block):
+                b1 = min(b0 + block, r1)
+                nb_ = np.float64(b1 - b0)
+                for j in range(B):
+                    k[j] = x[a, b0, j]
+                    s[j] = 0.0
+                for i in range(b0, b1):
+                    for j in range(B):
+                        s[j] += x[a, i, j] - k[j]
+                for j in range(B):
+                    k[j] = k[j] + s[j] / nb_
+                    s[j] = 0.0
+                for i in range(b0, b1):
+                    for j in range(B):
+                        d = x[a, i, j] - k[j]
+                        s[j] += d * d
+                off = a * B
+                for j in range(B):
+                    f = off + j
+                    pn[t, f], pm[t, f], p2[t, f] = _chan(
+                        pn[t, f], pm[t, f], p2[t, f], nb_, k[j], s[j]
+                    )
+    return _merge_partials(pn, pm, p2)
+
+
+@njit(parallel=True, **_JIT)
+def col_moments_general(x, w, has_w, omit, nthreads):
+    """Like :func:`col_moments` with per-row weights ``w`` (M,) and/or NaN omission.
+
+    Weighted Welford (West 1979) per value: a NaN is skipped when ``omit`` is true, a
+    zero weight contributes nothing.  Returns (n, mean, M2) with n the weight sums.
+    """
+    A, M, B = x.shape
+    F = A * B
+    pn = np.zeros((nthreads, F))
+    pm = np.zeros((nthreads, F))
+    p2 = np.zeros((nthreads, F))
+    for t in prange(nthreads):
+        r0 = t * M // nthreads
+        r1 = (t + 1) * M // nthreads
+        for a in range(A):
+            off = a * B
+            for i in range(r0, r1):
+                wi = w[i] if has_w else 1.0
+                if wi == 0.0:
+                    continue
+                for j in range(B):
+                    v = np.float64(x[a, i, j])
+                    if omit and v != v:
+                        continue
+                    f = off + j
+                    pn[t, f], pm[t, f], p2[t, f] = _welford(pn[t, f], pm[t, f], p2[t, f], v, wi)
+    return _merge_partials(pn, pm, p2)
+
+
+# ---------------------------------------------------------------------------
+# (N, C, L) moments: statistics per channel over N and L
+# ---------------------------------------------------------------------------
+
+
+@njit(parallel=True, **_JIT)
+def ncl_moments(x, nthreads, block):
+    """Per-channel (n, mean, M2) of ``x`` (N, C, L) over N and L.
+
+    Samples are split into ``nthreads`` contiguous ranges (each thread reads one
+    contiguous stretch of memory); each (n, c) row is reduced by a blocked two-pass and
+    Chan-merged into the thread's partial state for channel c.
+    """
+    N, C, L = x.shape
+    pn = np.zeros((nthreads, C))
+    pm = np.zeros((nthreads, C))
+    p2 = np.zeros((nthreads, C))
+    for t in prange(nthreads):
+        r0 = t * N // nthreads
+        r1 = (t + 1) * N // nthreads
+        for i in range(r0, r1):
+            for c in range(C):
+                rn, rm, r2 = _row_moments_blocked(x[i, c], block)
+                pn[t, c], pm[t, c], p2[t, c] = _chan(pn[t, c], pm[t, c], p2[t, c], rn, rm, r2)
+    return _merge_partials(pn, pm, p2)
+
+
+# ---------------------------------------------------------------------------
+# Per-channel affine application: out = (x - mean) * scale + shift
+# ---------------------------------------------------------------------------
+
+
+@njit(parallel=True, **_JIT)
+def apply_cols(x, mean, scale, shift, out):
+    """``out[i, j] = (x[i, j] - mean[j]) * scale[j] + shift[j]`` for x (M, C)."""
+    M, C = x.shape
+    for i in prange(M):
+        for j in range(C):
+            out[i, j] = (x[i, j] - mean[j]) * scale[j] + shift[j]
+
+
+@njit(parallel=True, **_JIT)
+def apply_ncl(x, mean, scale, shift, out):
+    """``out[n, c, l] = (x[n, c, l] - mean[c]) * scale[c] + shift[c]`` for x (N, C, L)."""
+    N, C, L = x.shape
+    for i in prange(N):
+        for c in range(C):
+            m = mean[c]
+            s = scale[c]
+            b = shift[c]
+            xr = x[i, c]
+            orow = out[i, c]
+            for j in range(L):
+                orow[j] = (xr[j] - m) * s + b
+
+
+# ---------------------------------------------------------------------------
+# BatchNorm backward
+# ---------------------------------------------------------------------------
+
+
+@njit(parallel=True, **_JIT)
+def bn_bwd_sums_cols(dy, x, mean, k1, dx, write_dx, nthreads):
+    """Per-channel Σdy and Σdy·(x - mean) for (M, C) data, per-thread partials.
+
+    When ``write_dx`` is true, also writes ``dx = k1 * dy`` in the same pass (the
+    eval-mode backward, where the input gradient needs no batch sums).
+    """
+    M, C = x.shape
+    p1 = np.zeros((nthreads, C))
+    p2 = np.zeros((nthreads, C))
+    for t in prange(nthreads):
+        r0 = t * M // nthreads
+        r1 = (t + 1) * M // nthreads
+        a1 = np.zeros(C)
+        a2 = np.zeros(C)
+        for i in range(r0, r1):
+            for j in range(C):
+                g = np.float64(dy[i, j])
+                a1[j] += g
+                a2[j] += g * (x[i, j] - mean[j])
+            if write_dx:
+                for j in range(C):
+                    dx[i, j] = k1[j] * dy[i, j]
+        p1[t] = a1
+        p2[t] = a2
+    return p1.sum(axis=0), p2.sum(axis=0)
+
+
+@njit(parallel=True, **_JIT)
+def bn_bwd_sums_ncl(dy, x, mean, k1, dx, write_dx, nthreads):
+    """(N, C, L) twin of :func:`bn_bwd_sums_cols`."""
+    N, C, L = x.shape
+    p1 = np.zeros((nthreads, C))
+    p2 = np.zeros((nthreads, C))
+    for t in prange(nthreads):
+        r0 = t * N // nthreads
+        r1 = (t + 1) * N // nthreads
+        for i in range(r0, r1):
+            for c in range(C):
+                m = mean[c]
+                gr = dy[i, c]
+                xr = x[i, c]
+                s1 = _row_sum_shifted(gr, 0.0)
+                s2 = 0.0
+                for j in range(L):
+                    s2 += np.float64(gr[j]) * (xr[j] - m)
+                p1[t, c] += s1
+                p2[t, c] += s2
+                if write_dx:
+                    k = k1[c]
+                    dr = dx[i, c]
+                    for j in range(L):
+                        dr[j] = k * gr[j]
+    return p1.sum(axis=0), p2.sum(axis=0)
+
+
+@njit(parallel=True, **_JIT)
+def bn_bwd_dx_cols(dy, x, mean, k1, k2, k3, dx):
+    """``dx = k1·dy + k2·(x - mean) + k3`` per channel, for (M, C) data."""
+    M, C = x.shape
+    for i in prange(M):
+        for j in range(C):
+            dx[i, j] = k1[j] * dy[i, j] + k2[j] * (x[i, j] - mean[j]) + k3[j]
+
+
+@njit(parallel=True, **_JIT)
+def bn_bwd_dx_ncl(dy, x, mean, k1, k2, k3, dx):
+    """(N, C, L) twin of :func:`bn_bwd_dx_cols`."""
+    N, C, L = x.shape
+    for i in prange(N):
+        for c in range(C):
+            a = k1[c]
+            b = k2[c]
+            cc = k3[c]
+            m = mean[c]
+            gr = dy[i, c]
+            xr = x[i, c]
+            dr = dx[i, c]
+            for j in range(L):
+                dr[j] = a * gr[j] + b * (xr[j] - m) + cc
+
+
+# ---------------------------------------------------------------------------
+# Row-wise normalization (LayerNorm, RMSNorm): x (R, D), statistics per row
+# ---------------------------------------------------------------------------
+
+
+@njit(parallel=True, **_JIT)
+def rownorm_fwd(x, weight, bias, eps, center, out, mean, rstd):
+    """LayerNorm (``center``) or RMSNorm forward over the rows of ``x`` (R, D).
+
+    LayerNorm: ``y = (x - μ)·r·w + b`` with ``r = 1/sqrt(var + eps)`` (biased var).
+    RMSNorm:   ``y = x·r·w + b`` with ``r = 1/sqrt(mean(x²) + eps)`` (pass b = 0).
+    Writes ``mean`` (zeros for RMSNorm) and ``rstd`` (R,) for the backward.
+    """
+    R, D = x.shape
+    for i in prange(R):
+        xr = x[i]
+        if center:
+            mu, m2 = _row_moments(xr)
+        else:
+            mu = 0.0
+            m2 = _row_sumsq(xr)
+        r = 1.0 / np.sqrt(m2 / D + eps)
+        mean[i] = mu
+        rstd[i] = r
+        orow = out[i]
+        for j in range(D):
+            orow[j] = ((xr[j] - mu) * r) * weight[j] + bias[j]
+
+
+@njit(parallel=True, **_JIT)
+def rownorm_bwd(dy, x, weight, mean, rstd, center, dx, nthreads):
+    """LayerNorm / RMSNorm backward over rows; returns (dweight, dbias) as (D,) float64.
+
+    With ``g = dy·w`` and ``x̂ = (x - μ)·r``:
+    LayerNorm ``dx = r·(g - mean(g) - x̂·mean(g·x̂))``;
+    RMSNorm   ``dx = r·(g - x̂·mean(g·x̂))``.
+    ``dweight = Σ_rows dy·x̂`` and ``dbias = Σ_rows dy`` use per-thread partials.
+    """
+    R, D = x.shape
+    pw = np.zeros((nthreads, D))
+    pb = np.zeros((nthreads, D))
+    for t in prange(nthreads):
+        r0 = t * R // nthreads
+        r1 = (t + 1) * R // nthreads
+        aw = np.zeros(D)
+        ab = np.zeros(D)
+        for i in range(r0, r1):
+            xr = x[i]
+            gr = dy[i]
+            mu = mean[i]
+            r = rstd[i]
+            sg = 0.0
+            sgx = 0.0
+            for j in range(D):
+                gj = np.float64(gr[j])
+                xh = (xr[j] - mu) * r
+                g = gj * weight[j]
+                sg += g
+                sgx += g * xh
+                aw[j] += gj * xh
+                ab[j] += gj
+            if not center:
+                sg = 0.0
+            mg = sg / D
+            mgx = sgx / D
+            drow = dx[i]
+            for j in range(D):
+                xh = (xr[j] - mu) * r
+                drow[j] = r * (gr[j] * weight[j] - mg - xh * mgx)
+        pw[t] = aw
+        pb[t] = ab
+    return pw.sum(axis=0), pb.sum(axis=0)

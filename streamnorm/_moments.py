@@ -1,0 +1,42 @@
+"""Kernel dispatch for moment computations (SPEC section 2).  Private.
+
+Picks the kernel for a canonical view and the block sizes that keep a block in cache.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from . import _kernels_cpu as K
+
+# A block of about this many values is reduced by a two-pass while it sits in cache
+# (32k float64 values = 256 KiB, inside any current L2).
+_BLOCK_VALUES = 32768
+
+
+def nthreads() -> int:
+    """The number of threads the kernels split work into (``numba.get_num_threads()``)."""
+    return int(numba.get_num_threads())
+
+
+def col_moments(x3: np.ndarray, weights: np.ndarray | None = None, omit: bool = False):
+    """(n, mean, M2), each (A*B,) float64, of ``x3`` (A, M, B) over its middle axis."""
+    A, M, B = x3.shape
+    if M == 0 or A * B == 0:
+        z = np.zeros(A * B)
+        return z, z.copy(), z.copy()
+    if weights is None and not omit:
+        block = max(8, _BLOCK_VALUES // max(B, 1))
+        return K.col_moments(x3, nthreads(), block)
+    w = np.empty(0) if weights is None else weights
+    return K.col_moments_general(x3, w, weights is not None, omit, nthreads())
+
+
+def ncl_moments(x3: np.ndarray):
+    """(n, mean, M2), each (C,) float64, of ``x3`` (N, C, L) over N and L."""
+    N, C, L = x3.shape
+    if L == 1:
+        n, m, m2 = col_moments(x3.reshape(1, N, C))
+        return n, m, m2
+    return K.ncl_moments(x3, nthreads(), _BLOCK_VALUES)

@@ -1,0 +1,113 @@
+"""The layer contract shared by every streamnorm layer."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from .._validation import as_param
+
+
+class Layer:
+    """Base class: parameters, gradients, buffers and a train/eval mode.
+
+    A layer is a thin object.  ``forward`` calls a stateless function from
+    :mod:`streamnorm.functional` and keeps its cache; ``backward`` hands the cache
+    back and stores the parameter gradients.
+
+    Attributes
+    ----------
+    params : dict[str, ndarray]
+        Learnable parameters with PyTorch's names (``'weight'``, ``'bias'``), float64.
+        An optimizer updates these arrays in place (or replaces them with arrays of
+        the same shape).
+    grads : dict[str, ndarray]
+        Gradients of the loss with respect to ``params``, same keys and shapes.
+        ``backward`` *overwrites* them (it does not accumulate): a training step is
+        ``forward``, ``backward``, optimizer update.
+    buffers : dict[str, ndarray]
+        Non-learnable state (running statistics), float64, plus the int64 scalar
+        ``num_batches_tracked`` where the layer has one.
+    training : bool
+        True in train mode (the default), False after :meth:`eval`.
+    """
+
+    def __init__(self) -> None:
+        self.params: dict[str, np.ndarray] = {}
+        self.grads: dict[str, np.ndarray] = {}
+        self.buffers: dict[str, np.ndarray] = {}
+        self.training: bool = True
+        self._cache: Any = None
+
+    # -------------------------------------------------------------- contract
+    def forward(self, x):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def backward(self, dy):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    def _require_cache(self):
+        if self._cache is None:
+            raise RuntimeError(f"{type(self).__name__}.backward() called before forward()")
+        return self._cache
+
+    def _set_grads(self, **grads) -> None:
+        for name, g in grads.items():
+            if name in self.params and g is not None:
+                self.grads[name] = np.asarray(g, dtype=np.float64).reshape(self.params[name].shape)
+
+    def train(self, mode: bool = True) -> "Layer":
+        """Set train mode (``mode=True``) or eval mode; returns self."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self) -> "Layer":
+        """Set eval mode; returns self."""
+        return self.train(False)
+
+    def zero_grad(self) -> None:
+        """Set every gradient to zeros."""
+        self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
+
+    # ----------------------------------------------------------- state dicts
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Copies of parameters and buffers under PyTorch's key names."""
+        out = {k: v.copy() for k, v in self.params.items()}
+        out.update({k: np.array(v, copy=True) for k, v in self.buffers.items()})
+        return out
+
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
+        """Load parameters and buffers from a mapping of array-likes.
+
+        Every entry is checked (names, shapes, dtypes) before anything is assigned, so a
+        bad state dict raises and leaves the layer unchanged.  With ``strict=False``
+        missing and unexpected keys are ignored; misshapen ones still raise.
+        """
+        expected = {**self.params, **self.buffers}
+        missing = [k for k in expected if k not in state]
+        unexpected = [k for k in state if k not in expected]
+        if strict and (missing or unexpected):
+            raise KeyError(
+                f"state dict does not match {type(self).__name__}: missing keys {missing}, "
+                f"unexpected keys {unexpected}"
+            )
+        new: dict[str, np.ndarray] = {}
+        for k, ref in expected.items():
+            if k not in state:
+                continue
+            if k == "num_batches_tracked":
+                v = np.asarray(state[k])
+                if v.size != 1 or v.dtype.kind not in "iuf" or float(v.ravel()[0]) < 0:
+                    raise ValueError(f"num_batches_tracked must be a non-negative integer scalar, got {v!r}")
+                new[k] = np.array(int(v.ravel()[0]), dtype=np.int64)
+            else:
+                new[k] = as_param(state[k], ref.shape, k)
+        for k, v in new.items():
+            if k in self.params:
+                self.params[k] = v
+            else:
+                self.buffers[k] = v

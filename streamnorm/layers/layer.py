@@ -1,0 +1,60 @@
+"""LayerNorm (and, with the same row-wise kernels, RMSNorm)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import functional as F
+from .._validation import check_positive_float
+from .base import Layer
+
+
+class LayerNorm(Layer):
+    """Layer normalization over the trailing ``normalized_shape`` dimensions (SPEC §4).
+
+    Parameters
+    ----------
+    normalized_shape : int or tuple of int
+        D, the trailing dimensions normalized together.
+    eps : float
+        Added to the variance under the square root.
+    elementwise_affine : bool
+        Learnable ``weight`` (γ, ones, shape D).
+    bias : bool
+        Learnable ``bias`` (β, zeros, shape D), with ``elementwise_affine``.
+
+    Notes
+    -----
+    Input (*B, *D), float32 or float64; output of the same shape and dtype.  LayerNorm
+    has no running statistics, so train and eval mode compute the same thing.
+    """
+
+    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True):
+        super().__init__()
+        self.normalized_shape = F._norm_shape(normalized_shape)
+        self.eps = check_positive_float(eps, "eps")
+        self.elementwise_affine = bool(elementwise_affine)
+        if self.elementwise_affine:
+            self.params["weight"] = np.ones(self.normalized_shape)
+            if bias:
+                self.params["bias"] = np.zeros(self.normalized_shape)
+        self.zero_grad()
+
+    def forward(self, x):
+        """Normalize each row of D values; returns y of x's shape and dtype."""
+        y, self._cache = F.layer_norm_forward(
+            x, self.normalized_shape, self.params.get("weight"), self.params.get("bias"), self.eps
+        )
+        return y
+
+    def backward(self, dy):
+        """Input gradient; fills ``grads`` (overwriting)."""
+        dx, dw, db = F.layer_norm_backward(dy, self._require_cache())
+        self._set_grads(weight=dw, bias=db)
+        return dx
+
+    def __repr__(self) -> str:
+        return (
+            f"LayerNorm({self.normalized_shape}, eps={self.eps}, "
+            f"elementwise_affine={self.elementwise_affine}, bias={'bias' in self.params})"
+        )

@@ -1,0 +1,104 @@
+"""LayerNorm: forward against a NumPy reference, exact gradients, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from naive import layer_norm_ref, numerical_grad
+import streamnorm as sn
+from streamnorm import functional as F
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,ns", [((5, 8), (8,)), ((2, 3, 17), (17,)), ((3, 4, 5), (4, 5)), ((6,), (6,))])
+def test_forward_matches_reference(rng, dtype, shape, ns):
+    x = (rng.standard_normal(shape) * 3 - 1).astype(dtype)
+    w, b = rng.standard_normal(ns), rng.standard_normal(ns)
+    y, cache = F.layer_norm_forward(x, ns, w, b, 1e-5)
+    assert y.dtype == dtype and y.shape == x.shape
+    tol = 1e-6 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(y, layer_norm_ref(x, len(ns), w, b, 1e-5), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("shape,ns", [((5, 8), (8,)), ((2, 3, 9), (9,)), ((3, 4, 5), (4, 5)), ((1, 3), (3,))])
+@pytest.mark.parametrize("affine,bias", [(True, True), (True, False), (False, False)])
+def test_gradients_against_finite_differences(rng, shape, ns, affine, bias):
+    x = rng.standard_normal(shape)
+    dy = rng.standard_normal(shape)
+    w = rng.standard_normal(ns) if affine else None
+    b = rng.standard_normal(ns) if bias else None
+
+    def f(xx, ww=w, bb=b):
+        return F.layer_norm_forward(xx, ns, ww, bb, 1e-3)[0]
+
+    _, cache = F.layer_norm_forward(x, ns, w, b, 1e-3)
+    dx, dw, db = F.layer_norm_backward(dy, cache)
+    np.testing.assert_allclose(dx, numerical_grad(f, x.copy(), dy), rtol=1e-5, atol=1e-7)
+    assert np.abs(dx).max() > 1e-3
+    if affine:
+        np.testing.assert_allclose(dw, numerical_grad(lambda ww: f(x, ww, b), w.copy(), dy), rtol=1e-5, atol=1e-7)
+    else:
+        assert dw is None
+    if bias:
+        np.testing.assert_allclose(db, numerical_grad(lambda bb: f(x, w, bb), b.copy(), dy), rtol=1e-5, atol=1e-7)
+    else:
+        assert db is None
+
+
+def test_layer_contract(rng):
+    ln = sn.LayerNorm((3, 4))
+    assert set(ln.params) == {"weight", "bias"} and ln.params["weight"].shape == (3, 4)
+    with pytest.raises(RuntimeError, match="before forward"):
+        ln.backward(np.ones((2, 3, 4)))
+    x = rng.standard_normal((2, 3, 4))
+    ln.params["weight"] = rng.standard_normal((3, 4))
+    y = ln(x)
+    dy = rng.standard_normal(x.shape)
+    dx = ln.backward(dy)
+    assert dx.shape == x.shape
+    np.testing.assert_allclose(ln.grads["bias"], dy.sum(0))
+    assert set(sn.LayerNorm(4, bias=False).params) == {"weight"}
+    assert sn.LayerNorm(4, elementwise_affine=False).params == {}
+    # eval mode changes nothing for LayerNorm
+    np.testing.assert_array_equal(ln.eval()(x), y)
+    sd = ln.state_dict()
+    ln2 = sn.LayerNorm((3, 4))
+    ln2.load_state_dict(sd)
+    np.testing.assert_array_equal(ln2(x), y)
+
+
+def test_constant_row_gives_exactly_bias():
+    x = np.full((3, 10), 0.1 * 3, dtype=np.float64)
+    b = np.linspace(-1, 1, 10)
+    y, _ = F.layer_norm_forward(x, 10, None, b)
+    np.testing.assert_array_equal(y, np.broadcast_to(b, y.shape))
+
+
+def test_offset_rows(rng):
+    x = 1e8 + rng.standard_normal((4, 4096))
+    y, _ = F.layer_norm_forward(x, 4096)
+    mu = x.mean(1, keepdims=True)
+    ref = (x - mu) / np.sqrt(((x - mu) ** 2).mean(1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(y, ref, atol=1e-7)
+
+
+def test_errors():
+    ln = sn.LayerNorm(4)
+    with pytest.raises(ValueError, match="normalized_shape"):
+        ln(np.ones((3, 5)))
+    with pytest.raises(TypeError, match="complex"):
+        ln(np.ones((3, 4), dtype=complex))
+    ln(np.ones((3, 4)))
+    with pytest.raises(ValueError, match="dy has shape"):
+        ln.backward(np.ones((2, 4)))
+    with pytest.raises(ValueError, match="eps"):
+        sn.LayerNorm(4, eps=-1)
+
+
+@pytest.mark.parametrize("make", [np.asfortranarray, lambda a: a[:, ::2], lambda a: a[::-1]])
+def test_non_contiguous_and_read_only(rng, make):
+    x = make(rng.standard_normal((6, 10)))
+    x.flags.writeable = False
+    y, _ = F.layer_norm_forward(x, x.shape[-1])
+    np.testing.assert_allclose(y, layer_norm_ref(x, 1, None, None, 1e-5), rtol=1e-12, atol=1e-12)
