@@ -9,9 +9,10 @@ Conventions
   serially with Chan's formula (the race-free pattern; see STYLE).  The number of
   ranges is passed in by the caller (``numba.get_num_threads()``), never read from a
   global, so ``numba.set_num_threads`` is respected.
-* Reductions along a contiguous row use eight explicit partial sums.  That fixes the
-  summation order in the source (deterministic, and vectorizable by LLVM) instead of
-  granting the compiler ``reassoc``, which would also license it to break Welford.
+* Reductions along a contiguous row use ``LANES`` explicit partial sums.  That fixes
+  the summation order in the source (deterministic, and vectorizable by LLVM) instead
+  of granting the compiler ``reassoc``, which would also license it to rewrite
+  ``Σ(x - k)`` as ``Σx - n·k`` or to break Welford.
 * No fastmath flags: accuracy of the statistics comes first, and these kernels are
   memory bound anyway.
 """
@@ -32,54 +33,54 @@ _JIT = dict(cache=True, nogil=True)
 
 # ---------------------------------------------------------------------------
 # Contiguous-row helpers
+#
+# A row of n values is viewed as (n // W, W) and reduced into W float64 lane sums held
+# in a caller-provided scratch vector ``acc`` (one per thread): the lanes are
+# independent, so LLVM vectorizes the loop without being allowed to reassociate; the
+# W lanes are then added in a fixed order.  Rows must be C-contiguous.
 # ---------------------------------------------------------------------------
+
+LANES = 32
 
 
 @njit(**_JIT)
-def _row_sum_shifted(v, k):
-    """Σ (v[j] - k) in float64 with eight partial sums."""
+def _lanes_total(acc):
+    s = 0.0
+    for u in range(acc.shape[0]):
+        s += acc[u]
+    return s
+
+
+@njit(**_JIT)
+def _row_sum_shifted(v, k, acc):
+    """Σ (v[j] - k) in float64."""
+    W = acc.shape[0]
     n = v.shape[0]
-    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
-    m = n - n % 8
-    for j in range(0, m, 8):
-        s0 += v[j] - k
-        s1 += v[j + 1] - k
-        s2 += v[j + 2] - k
-        s3 += v[j + 3] - k
-        s4 += v[j + 4] - k
-        s5 += v[j + 5] - k
-        s6 += v[j + 6] - k
-        s7 += v[j + 7] - k
-    s = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+    m = n - n % W
+    v2 = v[:m].reshape((m // W, W))
+    acc[:] = 0.0
+    for r in range(m // W):
+        for u in range(W):
+            acc[u] += v2[r, u] - k
+    s = _lanes_total(acc)
     for j in range(m, n):
         s += v[j] - k
     return s
 
 
 @njit(**_JIT)
-def _row_sumsq_dev(v, mu):
-    """Σ (v[j] - mu)² in float64 with eight partial sums."""
+def _row_sumsq_dev(v, mu, acc):
+    """Σ (v[j] - mu)² in float64."""
+    W = acc.shape[0]
     n = v.shape[0]
-    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
-    m = n - n % 8
-    for j in range(0, m, 8):
-        d0 = v[j] - mu
-        d1 = v[j + 1] - mu
-        d2 = v[j + 2] - mu
-        d3 = v[j + 3] - mu
-        d4 = v[j + 4] - mu
-        d5 = v[j + 5] - mu
-        d6 = v[j + 6] - mu
-        d7 = v[j + 7] - mu
-        s0 += d0 * d0
-        s1 += d1 * d1
-        s2 += d2 * d2
-        s3 += d3 * d3
-        s4 += d4 * d4
-        s5 += d5 * d5
-        s6 += d6 * d6
-        s7 += d7 * d7
-    s = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+    m = n - n % W
+    v2 = v[:m].reshape((m // W, W))
+    acc[:] = 0.0
+    for r in range(m // W):
+        for u in range(W):
+            d = v2[r, u] - mu
+            acc[u] += d * d
+    s = _lanes_total(acc)
     for j in range(m, n):
         d = v[j] - mu
         s += d * d
@@ -87,13 +88,32 @@ def _row_sumsq_dev(v, mu):
 
 
 @njit(**_JIT)
-def _row_sumsq(v):
-    """Σ v[j]² in float64 with eight partial sums."""
-    return _row_sumsq_dev(v, 0.0)
+def _row_dot2(g, w, x, mu, acc1, acc2):
+    """(Σ g·w, Σ g·w·(x - mu)) in float64 over contiguous rows g, w, x."""
+    W = acc1.shape[0]
+    n = g.shape[0]
+    m = n - n % W
+    g2 = g[:m].reshape((m // W, W))
+    w2 = w[:m].reshape((m // W, W))
+    x2 = x[:m].reshape((m // W, W))
+    acc1[:] = 0.0
+    acc2[:] = 0.0
+    for r in range(m // W):
+        for u in range(W):
+            gw = g2[r, u] * w2[r, u]
+            acc1[u] += gw
+            acc2[u] += gw * (x2[r, u] - mu)
+    s1 = _lanes_total(acc1)
+    s2 = _lanes_total(acc2)
+    for j in range(m, n):
+        gw = g[j] * w[j]
+        s1 += gw
+        s2 += gw * (x[j] - mu)
+    return s1, s2
 
 
 @njit(**_JIT)
-def _row_moments(v):
+def _row_moments(v, acc):
     """(mean, M2) of a contiguous row: shifted two-pass (the row stays in cache).
 
     The shift is the row's first value, so a constant row gives mean equal to that
@@ -101,12 +121,12 @@ def _row_moments(v):
     """
     n = v.shape[0]
     k = np.float64(v[0])
-    mu = k + _row_sum_shifted(v, k) / n
-    return mu, _row_sumsq_dev(v, mu)
+    mu = k + _row_sum_shifted(v, k, acc) / n
+    return mu, _row_sumsq_dev(v, mu, acc)
 
 
 @njit(**_JIT)
-def _row_moments_blocked(v, block):
+def _row_moments_blocked(v, block, acc):
     """(n, mean, M2) of a long row, two-pass per block of ``block`` values, Chan-merged."""
     n = v.shape[0]
     cn = 0.0
@@ -114,7 +134,7 @@ def _row_moments_blocked(v, block):
     c2 = 0.0
     for b0 in range(0, n, block):
         b1 = min(b0 + block, n)
-        mu, m2 = _row_moments(v[b0:b1])
+        mu, m2 = _row_moments(v[b0:b1], acc)
         cn, cm, c2 = _chan(cn, cm, c2, np.float64(b1 - b0), mu, m2)
     return cn, cm, c2
 
@@ -232,9 +252,10 @@ def ncl_moments(x, nthreads, block):
     for t in prange(nthreads):
         r0 = t * N // nthreads
         r1 = (t + 1) * N // nthreads
+        acc = np.empty(LANES)
         for i in range(r0, r1):
             for c in range(C):
-                rn, rm, r2 = _row_moments_blocked(x[i, c], block)
+                rn, rm, r2 = _row_moments_blocked(x[i, c], block, acc)
                 pn[t, c], pm[t, c], p2[t, c] = _chan(pn[t, c], pm[t, c], p2[t, c], rn, rm, r2)
     return _merge_partials(pn, pm, p2)
 
@@ -303,22 +324,22 @@ def bn_bwd_sums_cols(dy, x, mean, k1, dx, write_dx, nthreads):
 
 @njit(parallel=True, **_JIT)
 def bn_bwd_sums_ncl(dy, x, mean, k1, dx, write_dx, nthreads):
-    """(N, C, L) twin of :func:`bn_bwd_sums_cols`."""
+    """(N, C, L) twin of :func:`bn_bwd_sums_cols`; dy, x and dx must be C-contiguous."""
     N, C, L = x.shape
+    ones = np.ones(L)
     p1 = np.zeros((nthreads, C))
     p2 = np.zeros((nthreads, C))
     for t in prange(nthreads):
         r0 = t * N // nthreads
         r1 = (t + 1) * N // nthreads
+        acc1 = np.empty(LANES)
+        acc2 = np.empty(LANES)
         for i in range(r0, r1):
             for c in range(C):
                 m = mean[c]
                 gr = dy[i, c]
                 xr = x[i, c]
-                s1 = _row_sum_shifted(gr, 0.0)
-                s2 = 0.0
-                for j in range(L):
-                    s2 += np.float64(gr[j]) * (xr[j] - m)
+                s1, s2 = _row_dot2(gr, ones, xr, m, acc1, acc2)
                 p1[t, c] += s1
                 p2[t, c] += s2
                 if write_dx:
@@ -361,27 +382,33 @@ def bn_bwd_dx_ncl(dy, x, mean, k1, k2, k3, dx):
 
 
 @njit(parallel=True, **_JIT)
-def rownorm_fwd(x, weight, bias, eps, center, out, mean, rstd):
+def rownorm_fwd(x, weight, bias, eps, center, out, mean, rstd, nthreads):
     """LayerNorm (``center``) or RMSNorm forward over the rows of ``x`` (R, D).
 
     LayerNorm: ``y = (x - μ)·r·w + b`` with ``r = 1/sqrt(var + eps)`` (biased var).
     RMSNorm:   ``y = x·r·w + b`` with ``r = 1/sqrt(mean(x²) + eps)`` (pass b = 0).
-    Writes ``mean`` (zeros for RMSNorm) and ``rstd`` (R,) for the backward.
+    Writes ``mean`` (zeros for RMSNorm) and ``rstd`` (R,) for the backward.  x and out
+    must be C-contiguous.  A row is read from memory once and stays in cache for the
+    three sweeps (sum, squared deviations, output).
     """
     R, D = x.shape
-    for i in prange(R):
-        xr = x[i]
-        if center:
-            mu, m2 = _row_moments(xr)
-        else:
-            mu = 0.0
-            m2 = _row_sumsq(xr)
-        r = 1.0 / np.sqrt(m2 / D + eps)
-        mean[i] = mu
-        rstd[i] = r
-        orow = out[i]
-        for j in range(D):
-            orow[j] = ((xr[j] - mu) * r) * weight[j] + bias[j]
+    for t in prange(nthreads):
+        r0 = t * R // nthreads
+        r1 = (t + 1) * R // nthreads
+        acc = np.empty(LANES)
+        for i in range(r0, r1):
+            xr = x[i]
+            if center:
+                mu, m2 = _row_moments(xr, acc)
+            else:
+                mu = 0.0
+                m2 = _row_sumsq_dev(xr, 0.0, acc)
+            r = 1.0 / np.sqrt(m2 / D + eps)
+            mean[i] = mu
+            rstd[i] = r
+            orow = out[i]
+            for j in range(D):
+                orow[j] = ((xr[j] - mu) * r) * weight[j] + bias[j]
 
 
 @njit(parallel=True, **_JIT)
@@ -392,6 +419,7 @@ def rownorm_bwd(dy, x, weight, mean, rstd, center, dx, nthreads):
     LayerNorm ``dx = r·(g - mean(g) - x̂·mean(g·x̂))``;
     RMSNorm   ``dx = r·(g - x̂·mean(g·x̂))``.
     ``dweight = Σ_rows dy·x̂`` and ``dbias = Σ_rows dy`` use per-thread partials.
+    dy, x and dx must be C-contiguous.
     """
     R, D = x.shape
     pw = np.zeros((nthreads, D))
@@ -399,6 +427,8 @@ def rownorm_bwd(dy, x, weight, mean, rstd, center, dx, nthreads):
     for t in prange(nthreads):
         r0 = t * R // nthreads
         r1 = (t + 1) * R // nthreads
+        acc1 = np.empty(LANES)
+        acc2 = np.empty(LANES)
         aw = np.zeros(D)
         ab = np.zeros(D)
         for i in range(r0, r1):
@@ -406,24 +436,16 @@ def rownorm_bwd(dy, x, weight, mean, rstd, center, dx, nthreads):
             gr = dy[i]
             mu = mean[i]
             r = rstd[i]
-            sg = 0.0
-            sgx = 0.0
+            sg, sgx = _row_dot2(gr, weight, xr, mu, acc1, acc2)
+            mg = sg / D if center else 0.0
+            mgx = sgx * r / D
+            drow = dx[i]
             for j in range(D):
                 gj = np.float64(gr[j])
                 xh = (xr[j] - mu) * r
-                g = gj * weight[j]
-                sg += g
-                sgx += g * xh
                 aw[j] += gj * xh
                 ab[j] += gj
-            if not center:
-                sg = 0.0
-            mg = sg / D
-            mgx = sgx / D
-            drow = dx[i]
-            for j in range(D):
-                xh = (xr[j] - mu) * r
-                drow[j] = r * (gr[j] * weight[j] - mg - xh * mgx)
+                drow[j] = r * (gj * weight[j] - mg - xh * mgx)
         pw[t] = aw
         pb[t] = ab
     return pw.sum(axis=0), pb.sum(axis=0)

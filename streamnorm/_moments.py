@@ -39,4 +39,4 @@ def ncl_moments(x3: np.ndarray):
     if L == 1:
         n, m, m2 = col_moments(x3.reshape(1, N, C))
         return n, m, m2
-    return K.ncl_moments(x3, nthreads(), _BLOCK_VALUES)
+    return K.ncl_moments(np.ascontiguousarray(x3), nthreads(), _BLOCK_VALUES)

@@ -83,7 +83,8 @@ def _bn_view(x: np.ndarray, axis: int) -> tuple[np.ndarray, bool, int]:
     l = int(np.prod(x.shape[ax + 1 :], dtype=np.int64))
     if l == 1:
         return canonical_view(x, (n, c)), True, c
-    return canonical_view(x, (n, c, l)), False, c
+    # the (N, C, L) kernels reduce rows of L in cache and need them contiguous
+    return np.ascontiguousarray(canonical_view(x, (n, c, l))), False, c
 
 
 def batch_norm_forward(
@@ -178,6 +179,8 @@ def batch_norm_backward(dy, cache: BatchNormCache):
         raise ValueError(f"dy has shape {dy.shape}, but the forward input had shape {cache.shape}")
     out_shape = dy.shape
     dy3 = canonical_view(dy, shape)
+    if not cache.cols:
+        dy3 = np.ascontiguousarray(dy3)
     C = cache.mean.shape[0]
     r = cache.rstd
     g = np.ones(C) if cache.weight is None else cache.weight
@@ -237,7 +240,7 @@ def _rownorm_forward(x, normalized_shape, weight, bias, eps, center):
     eps = check_positive_float(eps, "eps")
     D = int(np.prod(ns, dtype=np.int64))
     R = x.size // D
-    x2 = canonical_view(x, (R, D))
+    x2 = np.ascontiguousarray(canonical_view(x, (R, D)))  # rows must be contiguous
     w = _vec(weight, D, "weight")
     b = _vec(bias, D, "bias")
     wk = np.ones(D) if w is None else w
@@ -246,7 +249,7 @@ def _rownorm_forward(x, normalized_shape, weight, bias, eps, center):
     mean = np.empty(R)
     rstd = np.empty(R)
     if R:
-        K.rownorm_fwd(x2, wk, bk, eps, center, y, mean, rstd)
+        K.rownorm_fwd(x2, wk, bk, eps, center, y, mean, rstd, _moments.nthreads())
     cache = RowNormCache(x2, mean, rstd, wk, w is not None, b is not None, center, ns, x.shape)
     return y.reshape(x.shape), cache
 
@@ -256,7 +259,7 @@ def _rownorm_backward(dy, cache: RowNormCache):
     dy = as_float_array(dy, "dy")
     if dy.shape != cache.shape:
         raise ValueError(f"dy has shape {dy.shape}, but the forward input had shape {cache.shape}")
-    dy2 = canonical_view(dy, x2.shape)
+    dy2 = np.ascontiguousarray(canonical_view(dy, x2.shape))
     dx = np.empty(x2.shape, dtype=_out_dtype(x2, dy2))
     if x2.shape[0]:
         dw, db = K.rownorm_bwd(dy2, x2, cache.weight, cache.mean, cache.rstd, cache.center, dx, _moments.nthreads())

@@ -34,6 +34,9 @@ class BatchNorm(Layer):
     -----
     Input: float32 or float64 (integers are cast to float64), any memory layout.  The
     output has the input's dtype; statistics, parameters and gradients are float64.
+    C-contiguous input is never copied; other layouts are read in place where the
+    channel axis is last (the (M, C) kernels take any strides) and copied once into the
+    contiguous (N, C, L) view otherwise.
 
     Train mode needs more than one value per channel and says so otherwise.  A forward
     that raises leaves the running statistics untouched.
