@@ -125,41 +125,12 @@ def build_cases(size_mib: int, dtype=np.float32, seed: int = 0) -> list[Case]:
         peers["scikit-learn"] = sk_update
     cases.append(Case("RunningStats.update (64 chunks)", x.shape, dname, x.nbytes, 1, rs_update, peers))
 
-    # ---- BatchNorm (N, C)
+    # ---- BatchNorm on (N, C) and on (N, C, H, W) feature maps
     dy = data((N, C))
-    bn = sn.BatchNorm(C)
-    bn_eval = sn.BatchNorm(C).eval()
-
-    def bn_fwd_bwd():
-        bn(x)
-        return bn.backward(dy)
-
-    peers_fwd, peers_eval, peers_fb = {}, {}, {}
-    if torch is not None:
-        tx = torch.from_numpy(x)
-        tdy = torch.from_numpy(dy)
-        tbn = torch.nn.BatchNorm1d(C).to(torch.float32 if dtype == np.float32 else torch.float64)
-        tbn_eval = torch.nn.BatchNorm1d(C).to(tbn.weight.dtype).eval()
-
-        def t_fwd():
-            with torch.no_grad():
-                return tbn(tx)
-
-        def t_eval():
-            with torch.no_grad():
-                return tbn_eval(tx)
-
-        def t_fb():
-            xg = tx.detach().requires_grad_(True)
-            tbn(xg).backward(tdy)
-            return xg.grad
-
-        peers_fwd["PyTorch"] = t_fwd
-        peers_eval["PyTorch"] = t_eval
-        peers_fb["PyTorch"] = t_fb
-    cases.append(Case("BatchNorm forward, train", x.shape, dname, x.nbytes, 3, lambda: bn(x), peers_fwd))
-    cases.append(Case("BatchNorm forward, eval", x.shape, dname, x.nbytes, 2, lambda: bn_eval(x), peers_eval))
-    cases.append(Case("BatchNorm forward+backward, train", x.shape, dname, x.nbytes, 8, bn_fwd_bwd, peers_fb))
+    for shape in ((N, C), (n_values // (64 * 128 * 128), 64, 128, 128)):
+        if shape[0] < 2:
+            continue
+        cases += _batchnorm_cases(x.reshape(shape), dy.reshape(shape), dname, torch)
 
     # ---- LayerNorm rows of 1024
     D = 1024
@@ -191,6 +162,46 @@ def build_cases(size_mib: int, dtype=np.float32, seed: int = 0) -> list[Case]:
     cases.append(Case("LayerNorm forward", xl.shape, dname, xl.nbytes, 2, lambda: ln(xl), peers_fwd))
     cases.append(Case("LayerNorm forward+backward", xl.shape, dname, xl.nbytes, 5, ln_fwd_bwd, peers_fb))
     return cases
+
+
+def _batchnorm_cases(x, dy, dname, torch) -> list[Case]:
+    C = x.shape[1]
+    bn = sn.BatchNorm(C)
+    bn_eval = sn.BatchNorm(C).eval()
+
+    def fwd_bwd():
+        bn(x)
+        return bn.backward(dy)
+
+    peers_fwd, peers_eval, peers_fb = {}, {}, {}
+    if torch is not None:
+        tx = torch.from_numpy(x)
+        tdy = torch.from_numpy(dy)
+        cls = torch.nn.BatchNorm1d if x.ndim <= 3 else torch.nn.BatchNorm2d
+        tbn = cls(C).to(tx.dtype)
+        tbn_eval = cls(C).to(tx.dtype).eval()
+
+        def t_fwd():
+            with torch.no_grad():
+                return tbn(tx)
+
+        def t_eval():
+            with torch.no_grad():
+                return tbn_eval(tx)
+
+        def t_fb():
+            xg = tx.detach().requires_grad_(True)
+            tbn(xg).backward(tdy)
+            return xg.grad
+
+        peers_fwd["PyTorch"] = t_fwd
+        peers_eval["PyTorch"] = t_eval
+        peers_fb["PyTorch"] = t_fb
+    return [
+        Case("BatchNorm forward, train", x.shape, dname, x.nbytes, 3, lambda: bn(x), peers_fwd),
+        Case("BatchNorm forward, eval", x.shape, dname, x.nbytes, 2, lambda: bn_eval(x), peers_eval),
+        Case("BatchNorm forward+backward, train", x.shape, dname, x.nbytes, 8, fwd_bwd, peers_fb),
+    ]
 
 
 def run_case(case: Case, bandwidth: float, repeat: int) -> Row:

@@ -44,6 +44,12 @@ LANES = 32
 
 
 @njit(**_JIT)
+def _lanes_for(n):
+    """Lane count for rows of n values: 32 for long rows, 8 for short ones (less setup)."""
+    return LANES if n >= 256 else 8
+
+
+@njit(**_JIT)
 def _lanes_total(acc):
     s = 0.0
     for u in range(acc.shape[0]):
@@ -137,6 +143,18 @@ def _row_moments_blocked(v, block, acc):
         mu, m2 = _row_moments(v[b0:b1], acc)
         cn, cm, c2 = _chan(cn, cm, c2, np.float64(b1 - b0), mu, m2)
     return cn, cm, c2
+
+
+@njit(**_JIT)
+def merge_states(na, ma, m2a, nb, mb, m2b):
+    """Chan-merge two flat state triples elementwise into new arrays."""
+    F = na.shape[0]
+    n = np.empty(F)
+    m = np.empty(F)
+    m2 = np.empty(F)
+    for j in range(F):
+        n[j], m[j], m2[j] = _chan(na[j], ma[j], m2a[j], nb[j], mb[j], m2b[j])
+    return n, m, m2
 
 
 @njit(**_JIT)
@@ -252,7 +270,7 @@ def ncl_moments(x, nthreads, block):
     for t in prange(nthreads):
         r0 = t * N // nthreads
         r1 = (t + 1) * N // nthreads
-        acc = np.empty(LANES)
+        acc = np.empty(_lanes_for(L))
         for i in range(r0, r1):
             for c in range(C):
                 rn, rm, r2 = _row_moments_blocked(x[i, c], block, acc)
@@ -332,8 +350,8 @@ def bn_bwd_sums_ncl(dy, x, mean, k1, dx, write_dx, nthreads):
     for t in prange(nthreads):
         r0 = t * N // nthreads
         r1 = (t + 1) * N // nthreads
-        acc1 = np.empty(LANES)
-        acc2 = np.empty(LANES)
+        acc1 = np.empty(_lanes_for(L))
+        acc2 = np.empty(_lanes_for(L))
         for i in range(r0, r1):
             for c in range(C):
                 m = mean[c]
@@ -395,7 +413,7 @@ def rownorm_fwd(x, weight, bias, eps, center, out, mean, rstd, nthreads):
     for t in prange(nthreads):
         r0 = t * R // nthreads
         r1 = (t + 1) * R // nthreads
-        acc = np.empty(LANES)
+        acc = np.empty(_lanes_for(D))
         for i in range(r0, r1):
             xr = x[i]
             if center:
@@ -427,8 +445,8 @@ def rownorm_bwd(dy, x, weight, mean, rstd, center, dx, nthreads):
     for t in prange(nthreads):
         r0 = t * R // nthreads
         r1 = (t + 1) * R // nthreads
-        acc1 = np.empty(LANES)
-        acc2 = np.empty(LANES)
+        acc1 = np.empty(_lanes_for(D))
+        acc2 = np.empty(_lanes_for(D))
         aw = np.zeros(D)
         ab = np.zeros(D)
         for i in range(r0, r1):

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from . import _kernels_cpu as K
 from . import _moments
 from ._validation import as_float_array, canonical_view
 
@@ -199,7 +200,7 @@ class RunningStats:
         if fshape != self._shape:
             raise ValueError(f"chunk has feature shape {fshape}, but the state has {self._shape}")
         if self.decay is None:
-            self._set(self._shape, *_chan_arrays(self._n, self._mean, self._m2, n, mean, m2))
+            self._set(self._shape, *K.merge_states(self._n, self._mean, self._m2, n, mean, m2))
         else:
             self._set(self._shape, *_decay_arrays(self._n, self._mean, self._m2, n, mean, m2, self.decay))
         return self
@@ -219,7 +220,7 @@ class RunningStats:
             return self
         if other._shape != self._shape:
             raise ValueError(f"cannot merge feature shape {other._shape} into {self._shape}")
-        self._set(self._shape, *_chan_arrays(self._n, self._mean, self._m2, other._n, other._mean, other._m2))
+        self._set(self._shape, *K.merge_states(self._n, self._mean, self._m2, other._n, other._mean, other._m2))
         return self
 
     def __add__(self, other: "RunningStats") -> "RunningStats":
@@ -271,17 +272,6 @@ class RunningStats:
         if self._shape is None:
             return "RunningStats(empty)"
         return f"RunningStats(shape={self._shape}, count={self._n.max() if self._n.size else 0:g})"
-
-
-def _chan_arrays(na, ma, m2a, nb, mb, m2b):
-    """Vectorized Chan merge with the same exactness rules as ``_welford.chan_merge``."""
-    n = na + nb
-    with np.errstate(invalid="ignore", divide="ignore"):
-        f = np.where(n > 0, nb / np.where(n > 0, n, 1.0), 0.0)
-        d = mb - ma
-        mean = np.where(nb == 0, ma, np.where(na == 0, mb, ma + d * f))
-        m2 = np.where(nb == 0, m2a, np.where(na == 0, m2b, m2a + m2b + d * d * na * f))
-    return n, mean, m2
 
 
 def _decay_arrays(na, ma, m2a, nb, mb, m2b, a):
