@@ -4,7 +4,18 @@ Public names only; see the documentation for the guide and the mathematics.
 """
 
 from . import functional
-from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, Layer, LayerNorm
+from .layers import (
+    BatchNorm,
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    GroupNorm,
+    InstanceNorm,
+    Layer,
+    LayerNorm,
+    OnlineNorm,
+    RMSNorm,
+)
 from .stats import RunningStats
 
 __version__ = "0.1.0"
@@ -14,8 +25,12 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "GroupNorm",
+    "InstanceNorm",
     "Layer",
     "LayerNorm",
+    "OnlineNorm",
+    "RMSNorm",
     "RunningStats",
     "functional",
     "__version__",

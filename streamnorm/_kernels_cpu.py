@@ -467,3 +467,196 @@ def rownorm_bwd(dy, x, weight, mean, rstd, center, dx, nthreads):
         pw[t] = aw
         pb[t] = ab
     return pw.sum(axis=0), pb.sum(axis=0)
+
+
+# ---------------------------------------------------------------------------
+# GroupNorm / InstanceNorm: x (N*G, Cg, L), statistics per (sample, group) row
+# ---------------------------------------------------------------------------
+
+
+@njit(parallel=True, **_JIT)
+def groupnorm_fwd(x, weight, bias, G, eps, out, mean, var, rstd, nthreads):
+    """GroupNorm forward on the contiguous view x (N*G, Cg, L).
+
+    Each (sample, group) block of Cg·L values is contiguous: its moments come from the
+    row helpers (shifted two-pass in cache); channel ``c = g·Cg + ci`` then gets
+    ``y = (x - μ)·r·w[c] + b[c]``.  Writes ``mean``, biased ``var`` and ``rstd`` (N*G,).
+    """
+    R, Cg, L = x.shape
+    D = Cg * L
+    for t in prange(nthreads):
+        r0 = t * R // nthreads
+        r1 = (t + 1) * R // nthreads
+        acc = np.empty(_lanes_for(D))
+        for i in range(r0, r1):
+            blk = x[i].reshape(D)
+            mu, m2 = _row_moments(blk, acc)
+            r = 1.0 / np.sqrt(m2 / D + eps)
+            mean[i] = mu
+            var[i] = m2 / D
+            rstd[i] = r
+            g = i % G
+            for ci in range(Cg):
+                c = g * Cg + ci
+                s = r * weight[c]
+                b = bias[c]
+                xr = x[i, ci]
+                orow = out[i, ci]
+                for j in range(L):
+                    orow[j] = (xr[j] - mu) * s + b
+
+
+@njit(parallel=True, **_JIT)
+def groupnorm_bwd(dy, x, weight, G, mean, rstd, dx, nthreads):
+    """GroupNorm backward on (N*G, Cg, L) views; returns per-channel (dweight, dbias).
+
+    Per block, with ``g = dy·w[c]`` and ``x̂ = (x - μ)·r`` over its D = Cg·L values:
+    ``dx = r·(g - mean(g) - x̂·mean(g·x̂))``.
+    """
+    R, Cg, L = x.shape
+    C = G * Cg
+    D = Cg * L
+    pw = np.zeros((nthreads, C))
+    pb = np.zeros((nthreads, C))
+    for t in prange(nthreads):
+        r0 = t * R // nthreads
+        r1 = (t + 1) * R // nthreads
+        acc1 = np.empty(_lanes_for(L))
+        acc2 = np.empty(_lanes_for(L))
+        ones = np.ones(L)
+        for i in range(r0, r1):
+            mu = mean[i]
+            r = rstd[i]
+            g = i % G
+            sg = 0.0
+            sgx = 0.0
+            for ci in range(Cg):
+                c = g * Cg + ci
+                s1, s2 = _row_dot2(dy[i, ci], ones, x[i, ci], mu, acc1, acc2)
+                pb[t, c] += s1
+                pw[t, c] += r * s2
+                sg += weight[c] * s1
+                sgx += weight[c] * s2
+            mg = sg / D
+            mgx = sgx * r / D
+            for ci in range(Cg):
+                w = weight[ci + g * Cg]
+                xr = x[i, ci]
+                gr = dy[i, ci]
+                dr = dx[i, ci]
+                for j in range(L):
+                    xh = (xr[j] - mu) * r
+                    dr[j] = r * (gr[j] * w - mg - xh * mgx)
+    return pw.sum(axis=0), pb.sum(axis=0)
+
+
+# ---------------------------------------------------------------------------
+# Online Normalization (SPEC §5): x (N, C, L), N is time.  Parallel over channels,
+# in order over samples.  The state arrays are updated in place: callers pass copies
+# and commit them only when the call has succeeded.
+# ---------------------------------------------------------------------------
+
+
+@njit(**_JIT)
+def _sample_moments(xr, acc):
+    """Per-sample (mean, biased variance) of one channel's L values."""
+    L = xr.shape[0]
+    if L == 1:
+        return np.float64(xr[0]), 0.0
+    mu, m2 = _row_moments(xr, acc)
+    return mu, m2 / L
+
+
+@njit(parallel=True, **_JIT)
+def online_fwd(x, mu, var, alpha_f, eps, weight, bias, out, nthreads):
+    """Online Normalization forward over time; ``mu`` and ``var`` (C,) carry the state.
+
+    Sample t is normalized with the state from before it:
+    ``y_t = (x_t - μ)/sqrt(σ² + eps)``, ``out_t = w·y_t + b``; then
+    ``δ = m_t - μ``, ``μ += (1 - α)δ``, ``σ² = α σ² + (1 - α) s²_t + α(1 - α) δ²``.
+    """
+    N, C, L = x.shape
+    a = alpha_f
+    for t in prange(nthreads):
+        c0 = t * C // nthreads
+        c1 = (t + 1) * C // nthreads
+        acc = np.empty(_lanes_for(L))
+        for n in range(N):
+            for c in range(c0, c1):
+                m = mu[c]
+                scale = np.sqrt(var[c] + eps)
+                k = weight[c] / scale
+                b = bias[c]
+                xr = x[n, c]
+                orow = out[n, c]
+                for j in range(L):
+                    orow[j] = (xr[j] - m) * k + b
+                mt, st = _sample_moments(xr, acc)
+                d = mt - m
+                mu[c] = m + (1.0 - a) * d
+                var[c] = a * var[c] + (1.0 - a) * st + a * (1.0 - a) * d * d
+
+
+@njit(parallel=True, **_JIT)
+def online_bwd(dout, x, mu, var, u, v, alpha_f, alpha_b, eps, weight, update, dx, nthreads):
+    """Online Normalization backward; replays the forward recurrence from its start state.
+
+    ``mu``/``var`` enter as the forward's state *before* the call (they are advanced
+    here, sample by sample, exactly as the forward did), so no per-sample array is
+    stored by the forward.  With ``g = dout·w`` the gradient at y_t, per channel:
+    ``g̃ = g - (1 - α_b)·v·y``, ``v += ⟨g̃·y⟩``; ``ĝ = g̃/scale``;
+    ``dx = ĝ - (1 - α_b)·u``, ``u += ⟨dx⟩`` (``⟨·⟩`` the mean over L).  With
+    ``update`` false (eval mode) the control terms are skipped: ``dx = g/scale``.
+    Returns per-channel (dweight, dbias); ``u`` and ``v`` are updated in place.
+    """
+    N, C, L = x.shape
+    a = alpha_f
+    cb = 1.0 - alpha_b
+    dw = np.zeros(C)
+    db = np.zeros(C)
+    for t in prange(nthreads):
+        c0 = t * C // nthreads
+        c1 = (t + 1) * C // nthreads
+        acc = np.empty(_lanes_for(L))
+        for n in range(N):
+            for c in range(c0, c1):
+                m = mu[c]
+                scale = np.sqrt(var[c] + eps)
+                inv = 1.0 / scale
+                w = weight[c]
+                xr = x[n, c]
+                gr = dout[n, c]
+                dr = dx[n, c]
+                sgy = 0.0
+                sdy = 0.0
+                sdyy = 0.0
+                vc = v[c]
+                for j in range(L):
+                    y = (xr[j] - m) * inv
+                    go = np.float64(gr[j])
+                    sdy += go
+                    sdyy += go * y
+                    gt = go * w - cb * vc * y
+                    sgy += gt * y
+                if update:
+                    uc = u[c]
+                    su = 0.0
+                    for j in range(L):
+                        y = (xr[j] - m) * inv
+                        gt = gr[j] * w - cb * vc * y
+                        d = gt * inv - cb * uc
+                        dr[j] = d
+                        su += d
+                    v[c] = vc + sgy / L
+                    u[c] = uc + su / L
+                else:
+                    for j in range(L):
+                        dr[j] = gr[j] * w * inv
+                dw[c] += sdyy
+                db[c] += sdy
+                if update:  # eval mode froze the state; train mode advanced it
+                    mt, st = _sample_moments(xr, acc)
+                    d = mt - m
+                    mu[c] = m + (1.0 - a) * d
+                    var[c] = a * var[c] + (1.0 - a) * st + a * (1.0 - a) * d * d
+    return dw, db

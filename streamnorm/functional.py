@@ -21,11 +21,21 @@ from ._validation import as_float_array, canonical_view, check_positive_float
 
 __all__ = [
     "BatchNormCache",
+    "GroupNormCache",
+    "OnlineNormCache",
     "RowNormCache",
     "batch_norm_forward",
     "batch_norm_backward",
+    "group_norm_forward",
+    "group_norm_backward",
+    "instance_norm_forward",
+    "instance_norm_backward",
     "layer_norm_forward",
     "layer_norm_backward",
+    "online_norm_forward",
+    "online_norm_backward",
+    "rms_norm_forward",
+    "rms_norm_backward",
 ]
 
 
@@ -307,3 +317,312 @@ def layer_norm_backward(dy, cache: RowNormCache):
         forward had no weight or bias.
     """
     return _rownorm_backward(dy, cache)
+
+
+def rms_norm_forward(x, normalized_shape, weight=None, eps: float | None = None):
+    """RMS normalization forward (SPEC §4): ``y = γ·x / sqrt(mean(x²) + eps)``.
+
+    Parameters
+    ----------
+    x : array_like, shape (*B, *normalized_shape), float32 or float64
+    normalized_shape : int or tuple of int
+    weight : array_like of shape normalized_shape, optional
+    eps : float or None
+        None means the machine epsilon of x's dtype, as PyTorch does.
+
+    Returns
+    -------
+    y : ndarray, the shape and dtype of ``x``
+    cache : RowNormCache
+    """
+    x = as_float_array(x)
+    if eps is None:
+        eps = float(np.finfo(x.dtype).eps)
+    return _rownorm_forward(x, normalized_shape, weight, None, eps, False)
+
+
+def rms_norm_backward(dy, cache: RowNormCache):
+    """RMS normalization backward: with ``g = dy·γ``, ``dx = r·(g − x̂·mean(g·x̂))``.
+
+    Returns
+    -------
+    dx : ndarray, the shape of ``dy``
+    dweight : float64 array of shape normalized_shape, or None without a weight
+    """
+    dx, dw, _ = _rownorm_backward(dy, cache)
+    return dx, dw
+
+
+# ---------------------------------------------------------------------------
+# GroupNorm and InstanceNorm
+# ---------------------------------------------------------------------------
+
+
+class GroupNormCache(NamedTuple):
+    """The contiguous (N*G, C/G, L) input view, (N*G,) float64 statistics, γ, shape."""
+
+    x3: np.ndarray
+    mean: np.ndarray
+    rstd: np.ndarray
+    var: np.ndarray
+    weight: np.ndarray
+    num_groups: int
+    shape: tuple[int, ...]
+
+
+def group_norm_forward(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5):
+    """Group normalization forward (SPEC §4): LayerNorm over each (sample, group) block.
+
+    Parameters
+    ----------
+    x : array_like, shape (N, C, *S), float32 or float64
+    num_groups : int
+        G; C must be divisible by G.
+    weight, bias : array_like of shape (C,), optional
+        Per-channel γ and β.
+    eps : float
+
+    Returns
+    -------
+    y : ndarray, the shape and dtype of ``x``
+    cache : GroupNormCache
+        ``cache.mean`` and ``cache.var`` (biased) are (N*G,) float64.
+    """
+    x = as_float_array(x)
+    if x.ndim < 2:
+        raise ValueError(f"GroupNorm expects input of shape (N, C, ...), got {x.shape}")
+    N, C = x.shape[:2]
+    G = int(num_groups)
+    if G <= 0 or C % G:
+        raise ValueError(f"{C} channels cannot be split into {num_groups} groups of equal size")
+    eps = check_positive_float(eps, "eps")
+    L = int(np.prod(x.shape[2:], dtype=np.int64))
+    x3 = np.ascontiguousarray(canonical_view(x, (N * G, C // G, L)))
+    w = _vec(weight, C, "weight")
+    b = _vec(bias, C, "bias")
+    wk = np.ones(C) if w is None else w
+    bk = np.zeros(C) if b is None else b
+    y = np.empty(x3.shape, dtype=x.dtype)
+    mean = np.empty(N * G)
+    rstd = np.empty(N * G)
+    var = np.empty(N * G)
+    if x3.size:
+        K.groupnorm_fwd(x3, wk, bk, G, eps, y, mean, var, rstd, _moments.nthreads())
+    return y.reshape(x.shape), GroupNormCache(x3, mean, rstd, var, wk, G, x.shape)
+
+
+def group_norm_backward(dy, cache: GroupNormCache):
+    """Group normalization backward: the LayerNorm formulas per (sample, group) block.
+
+    Returns
+    -------
+    dx : ndarray, the shape of ``dy``
+    dweight, dbias : float64 arrays of shape (C,)
+    """
+    dy = as_float_array(dy, "dy")
+    if dy.shape != cache.shape:
+        raise ValueError(f"dy has shape {dy.shape}, but the forward input had shape {cache.shape}")
+    x3 = cache.x3
+    dy3 = np.ascontiguousarray(canonical_view(dy, x3.shape))
+    dx = np.empty(x3.shape, dtype=_out_dtype(x3, dy3))
+    C = cache.weight.shape[0]
+    if x3.size:
+        dw, db = K.groupnorm_bwd(dy3, x3, cache.weight, cache.num_groups, cache.mean, cache.rstd, dx, _moments.nthreads())
+    else:
+        dw, db = np.zeros(C), np.zeros(C)
+    return dx.reshape(dy.shape), dw, db
+
+
+def instance_norm_forward(x, weight=None, bias=None, *, mean=None, var=None, eps: float = 1e-5):
+    """Instance normalization forward: per (sample, channel) statistics over *S.
+
+    With ``mean`` and ``var`` of shape (C,) (running statistics, eval mode) every
+    instance is normalized with them instead, exactly like BatchNorm in eval mode.
+
+    Parameters
+    ----------
+    x : array_like, shape (N, C, *S) with prod(S) > 1 for instance statistics
+    weight, bias : array_like of shape (C,), optional
+    mean, var : array_like of shape (C,), optional
+
+    Returns
+    -------
+    y : ndarray, the shape and dtype of ``x``
+    cache : GroupNormCache (instance statistics) or BatchNormCache (given statistics)
+        For instance statistics, ``cache.mean`` and ``cache.var`` are (N*C,).
+    """
+    x = as_float_array(x)
+    if x.ndim < 3:
+        raise ValueError(f"InstanceNorm expects input of shape (N, C, *S) with spatial dims, got {x.shape}")
+    if mean is not None or var is not None:
+        return batch_norm_forward(x, weight, bias, mean=mean, var=var, eps=eps, axis=1)
+    L = int(np.prod(x.shape[2:], dtype=np.int64))
+    if L <= 1:
+        raise ValueError(
+            f"InstanceNorm with instance statistics needs more than 1 spatial value per channel, "
+            f"got input of shape {x.shape}"
+        )
+    return group_norm_forward(x, x.shape[1], weight, bias, eps)
+
+
+def instance_norm_backward(dy, cache):
+    """Instance normalization backward; dispatches on the cache type of the forward."""
+    if isinstance(cache, BatchNormCache):
+        return batch_norm_backward(dy, cache)
+    return group_norm_backward(dy, cache)
+
+
+# ---------------------------------------------------------------------------
+# Online Normalization
+# ---------------------------------------------------------------------------
+
+
+class OnlineNormCache(NamedTuple):
+    """The (N, C, L) input view and the (C,) state *before* the forward call."""
+
+    x3: np.ndarray
+    mu0: np.ndarray
+    var0: np.ndarray
+    weight: np.ndarray
+    alpha_fwd: float
+    eps: float
+    training: bool
+    ecm: str | None
+    out: np.ndarray | None  # the affine output before error compensation ('ac', 'ls')
+    shape: tuple[int, ...]
+
+
+_ECM_CLIP = 5.0
+_ECM_LS_EPS = 1e-5
+
+
+def _online_view(x: np.ndarray) -> np.ndarray:
+    if x.ndim < 2:
+        raise ValueError(f"OnlineNorm expects input of shape (N, C, ...), got {x.shape}")
+    N, C = x.shape[:2]
+    L = int(np.prod(x.shape[2:], dtype=np.int64))
+    return np.ascontiguousarray(canonical_view(x, (N, C, L)))
+
+
+def online_norm_forward(
+    x,
+    mu,
+    var,
+    weight=None,
+    bias=None,
+    *,
+    alpha_fwd: float = 0.999,
+    eps: float = 1e-5,
+    training: bool = True,
+    ecm: str | None = None,
+):
+    """Online Normalization forward (Chiley et al. 2019; SPEC §5).  Stateless.
+
+    The batch axis is time: sample t is normalized with the statistics carried from
+    the samples before it, then the statistics take sample t in.
+
+    Parameters
+    ----------
+    x : array_like, shape (N, C, *S), float32 or float64
+    mu, var : array_like of shape (C,)
+        The carried statistics before this call (start: zeros and ones).
+    weight, bias : array_like of shape (C,), optional
+    alpha_fwd : float in [0, 1)
+        Forward decay α_f.
+    eps : float
+    training : bool
+        False normalizes every sample with ``mu``, ``var`` and returns them unchanged.
+    ecm : {None, 'ac', 'ls'}
+        Error compensation after the affine: activation clamping to [-5, 5] or layer
+        scaling by the RMS over each sample's C·L values.
+
+    Returns
+    -------
+    y : ndarray, the shape and dtype of ``x``
+    new_mu, new_var : float64 ndarrays of shape (C,)
+    cache : OnlineNormCache
+    """
+    x = as_float_array(x)
+    x3 = _online_view(x)
+    C = x3.shape[1]
+    mu0 = _vec(mu, C, "mu")
+    var0 = _vec(var, C, "var")
+    if mu0 is None or var0 is None:
+        raise ValueError("mu and var are required (start from zeros(C) and ones(C))")
+    if not 0.0 <= alpha_fwd < 1.0:
+        raise ValueError(f"alpha_fwd must be in [0, 1), got {alpha_fwd!r}")
+    if ecm not in (None, "ac", "ls"):
+        raise ValueError(f"ecm must be None, 'ac' or 'ls', got {ecm!r}")
+    eps = check_positive_float(eps, "eps")
+    w = _vec(weight, C, "weight")
+    b = _vec(bias, C, "bias")
+    wk = np.ones(C) if w is None else w
+    bk = np.zeros(C) if b is None else b
+    y = np.empty(x3.shape, dtype=x.dtype)
+    new_mu, new_var = mu0.copy(), var0.copy()
+    if x3.size:
+        if training:
+            K.online_fwd(x3, new_mu, new_var, float(alpha_fwd), eps, wk, bk, y, _moments.nthreads())
+        else:
+            K.apply_ncl(x3, mu0, wk / np.sqrt(var0 + eps), bk, y)
+    pre = None
+    if ecm == "ac":
+        pre = y
+        y = np.clip(y, -_ECM_CLIP, _ECM_CLIP)
+    elif ecm == "ls":
+        pre = y
+        y = y * _ls_factor(y)
+    cache = OnlineNormCache(x3, mu0, var0, wk, float(alpha_fwd), eps, bool(training), ecm, pre, x.shape)
+    return y.reshape(x.shape), new_mu, new_var, cache
+
+
+def _ls_factor(a: np.ndarray) -> np.ndarray:
+    """1/sqrt(mean(a², over each sample) + eps) as a float64 (N, 1, 1) array."""
+    ms = np.einsum("ncl,ncl->n", a, a, dtype=np.float64) / (a.shape[1] * a.shape[2])
+    return (1.0 / np.sqrt(ms + _ECM_LS_EPS)).reshape(-1, 1, 1)
+
+
+def online_norm_backward(dy, cache: OnlineNormCache, u, v, *, alpha_bkw: float = 0.99):
+    """Online Normalization backward (SPEC §5), in the forward's sample order.
+
+    Parameters
+    ----------
+    dy : array_like, the shape of the forward input
+    cache : OnlineNormCache
+    u, v : array_like of shape (C,)
+        The backward control state before this call (start: zeros).
+    alpha_bkw : float in [0, 1)
+
+    Returns
+    -------
+    dx : ndarray, the shape of ``dy``
+    dweight, dbias : float64 arrays of shape (C,)
+    new_u, new_v : float64 arrays of shape (C,)
+        Unchanged in eval mode, where ``dx = γ·dy/sqrt(var + eps)``.
+    """
+    dy = as_float_array(dy, "dy")
+    if dy.shape != cache.shape:
+        raise ValueError(f"dy has shape {dy.shape}, but the forward input had shape {cache.shape}")
+    if not 0.0 <= alpha_bkw < 1.0:
+        raise ValueError(f"alpha_bkw must be in [0, 1), got {alpha_bkw!r}")
+    x3 = cache.x3
+    C = x3.shape[1]
+    new_u = _vec(u, C, "u").copy()
+    new_v = _vec(v, C, "v").copy()
+    g = np.ascontiguousarray(canonical_view(dy, x3.shape))
+    if cache.ecm == "ac":
+        g = np.where(np.abs(cache.out) > _ECM_CLIP, 0.0, g).astype(g.dtype, copy=False)
+    elif cache.ecm == "ls":
+        a = cache.out
+        s = _ls_factor(a)
+        m = np.einsum("ncl,ncl->n", g, a, dtype=np.float64).reshape(-1, 1, 1) / (a.shape[1] * a.shape[2])
+        g = (s * (g - a * (s * s) * m)).astype(g.dtype, copy=False)
+    dx = np.empty(x3.shape, dtype=_out_dtype(x3, g))
+    if x3.size:
+        dw, db = K.online_bwd(
+            g, x3, cache.mu0.copy(), cache.var0.copy(), new_u, new_v, cache.alpha_fwd, float(alpha_bkw),
+            cache.eps, cache.weight, cache.training, dx, _moments.nthreads(),
+        )
+    else:
+        dw, db = np.zeros(C), np.zeros(C)
+    return dx.reshape(dy.shape), dw, db, new_u, new_v

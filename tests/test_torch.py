@@ -102,3 +102,66 @@ def test_layernorm_matches_torch(rng, shape, ns, affine, bias):
     np.testing.assert_allclose(ln.backward(dy), xt.grad.numpy(), rtol=1e-9, atol=1e-10)
     for name, p in tln.named_parameters():
         np.testing.assert_allclose(ln.grads[name], p.grad.numpy(), rtol=1e-9, atol=1e-10)
+
+
+def _compare_module(layer, tmod, x, dy, rtol=1e-9):
+    tmod.zero_grad()
+    xt = t64(x, grad=True)
+    yt = tmod(xt)
+    yt.backward(t64(dy))
+    np.testing.assert_allclose(layer(x), yt.detach().numpy(), rtol=rtol, atol=1e-10)
+    np.testing.assert_allclose(layer.backward(dy), xt.grad.numpy(), rtol=rtol, atol=1e-10)
+    for name, p in tmod.named_parameters():
+        np.testing.assert_allclose(layer.grads[name], p.grad.numpy(), rtol=rtol, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape,G", [((4, 6, 5), 3), ((2, 8, 3, 4), 4), ((3, 6), 2), ((2, 4, 2, 3, 2), 1)])
+def test_groupnorm_matches_torch(rng, shape, G):
+    C = shape[1]
+    tg = torch.nn.GroupNorm(G, C).double()
+    with torch.no_grad():
+        tg.weight.copy_(t64(rng.standard_normal(C)))
+        tg.bias.copy_(t64(rng.standard_normal(C)))
+    gn = sn.GroupNorm(G, C)
+    gn.load_state_dict({k: v.detach().numpy() for k, v in tg.state_dict().items()})
+    _compare_module(gn, tg, rng.standard_normal(shape) * 2 + 1, rng.standard_normal(shape))
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 7), (2, 3, 4, 5)])
+@pytest.mark.parametrize("affine,track", [(False, False), (True, True)])
+def test_instancenorm_matches_torch(rng, shape, affine, track):
+    C = shape[1]
+    cls = torch.nn.InstanceNorm1d if len(shape) == 3 else torch.nn.InstanceNorm2d
+    tin = cls(C, affine=affine, track_running_stats=track, momentum=0.3).double()
+    inn = sn.InstanceNorm(C, affine=affine, track_running_stats=track, momentum=0.3)
+    if affine:
+        with torch.no_grad():
+            tin.weight.copy_(t64(rng.standard_normal(C)))
+            tin.bias.copy_(t64(rng.standard_normal(C)))
+    inn.load_state_dict({k: v.detach().numpy() for k, v in tin.state_dict().items()})
+    for _ in range(2):
+        _compare_module(inn, tin, rng.standard_normal(shape) * 3 + 1, rng.standard_normal(shape))
+    for k, v in tin.state_dict().items():
+        np.testing.assert_allclose(inn.state_dict()[k], v.detach().numpy(), rtol=1e-12)
+    if track:
+        tin.eval()
+        inn.eval()
+        _compare_module(inn, tin, rng.standard_normal(shape), rng.standard_normal(shape))
+
+
+@pytest.mark.parametrize("shape,ns", [((5, 16), (16,)), ((2, 3, 4, 5), (4, 5))])
+@pytest.mark.parametrize("eps", [None, 1e-6])
+def test_rmsnorm_matches_torch(rng, shape, ns, eps):
+    tr = torch.nn.RMSNorm(ns, eps=eps).double()
+    with torch.no_grad():
+        tr.weight.copy_(t64(rng.standard_normal(ns)))
+    rn = sn.RMSNorm(ns, eps=eps)
+    rn.load_state_dict({k: v.detach().numpy() for k, v in tr.state_dict().items()})
+    _compare_module(rn, tr, rng.standard_normal(shape) * 2, rng.standard_normal(shape))
+
+
+def test_rmsnorm_float32_default_eps_matches_torch(rng):
+    x = rng.standard_normal((4, 32)).astype(np.float32) * 1e-3
+    tr = torch.nn.RMSNorm(32)
+    rn = sn.RMSNorm(32)
+    np.testing.assert_allclose(rn(x), tr(torch.from_numpy(x)).detach().numpy(), rtol=1e-5, atol=1e-6)

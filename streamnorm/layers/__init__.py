@@ -2,6 +2,19 @@
 
 from .base import Layer
 from .batch import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
-from .layer import LayerNorm
+from .group import GroupNorm, InstanceNorm
+from .layer import LayerNorm, RMSNorm
+from .online import OnlineNorm
 
-__all__ = ["Layer", "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm"]
+__all__ = [
+    "Layer",
+    "BatchNorm",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "GroupNorm",
+    "InstanceNorm",
+    "LayerNorm",
+    "OnlineNorm",
+    "RMSNorm",
+]

@@ -58,3 +58,45 @@ class LayerNorm(Layer):
             f"LayerNorm({self.normalized_shape}, eps={self.eps}, "
             f"elementwise_affine={self.elementwise_affine}, bias={'bias' in self.params})"
         )
+
+
+class RMSNorm(Layer):
+    """RMS normalization over the trailing ``normalized_shape`` dimensions (SPEC §4).
+
+    ``y = γ ⊙ x / sqrt(mean(x²) + eps)``: no centering, no bias.
+
+    Parameters
+    ----------
+    normalized_shape : int or tuple of int
+    eps : float or None
+        None means ``np.finfo(x.dtype).eps`` of each input, as PyTorch does.
+    elementwise_affine : bool
+        Learnable ``weight`` (γ, ones, shape D).
+
+    Notes
+    -----
+    Input (*B, *D), float32 or float64; output of the same shape and dtype.
+    """
+
+    def __init__(self, normalized_shape, eps: float | None = None, elementwise_affine: bool = True):
+        super().__init__()
+        self.normalized_shape = F._norm_shape(normalized_shape)
+        self.eps = None if eps is None else check_positive_float(eps, "eps")
+        self.elementwise_affine = bool(elementwise_affine)
+        if self.elementwise_affine:
+            self.params["weight"] = np.ones(self.normalized_shape)
+        self.zero_grad()
+
+    def forward(self, x):
+        """Normalize each row of D values by its root mean square."""
+        y, self._cache = F.rms_norm_forward(x, self.normalized_shape, self.params.get("weight"), self.eps)
+        return y
+
+    def backward(self, dy):
+        """Input gradient; fills ``grads`` (overwriting)."""
+        dx, dw = F.rms_norm_backward(dy, self._require_cache())
+        self._set_grads(weight=dw)
+        return dx
+
+    def __repr__(self) -> str:
+        return f"RMSNorm({self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine})"

@@ -1,0 +1,150 @@
+"""GroupNorm and InstanceNorm."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import functional as F
+from .._validation import as_float_array, check_positive_float
+from .base import Layer
+
+
+def _check_nc(layer: Layer, x, num_channels: int, min_ndim: int) -> np.ndarray:
+    x = as_float_array(x)
+    name = type(layer).__name__
+    if x.ndim < min_ndim:
+        raise ValueError(f"{name} expects input of shape (N, C{', *S' if min_ndim > 2 else ', ...'}){' with spatial dims' if min_ndim > 2 else ''}, got {x.shape}")
+    if x.shape[1] != num_channels:
+        raise ValueError(f"{name} has {num_channels} channels, but the input has {x.shape[1]} (shape {x.shape})")
+    return x
+
+
+class GroupNorm(Layer):
+    """Group normalization: LayerNorm over each (sample, group of channels) block.
+
+    Parameters
+    ----------
+    num_groups : int
+        G; ``num_channels`` must be divisible by it.
+    num_channels : int
+        C.
+    eps : float
+    affine : bool
+        Learnable per-channel ``weight`` (ones) and ``bias`` (zeros) of shape (C,).
+
+    Notes
+    -----
+    Input (N, C, *S), float32 or float64; output of the same shape and dtype.  No
+    running statistics: train and eval mode compute the same thing, at any batch size.
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True):
+        super().__init__()
+        if int(num_groups) <= 0 or int(num_channels) <= 0 or num_channels % num_groups:
+            raise ValueError(f"num_channels ({num_channels}) must be a positive multiple of num_groups ({num_groups})")
+        self.num_groups = int(num_groups)
+        self.num_channels = int(num_channels)
+        self.eps = check_positive_float(eps, "eps")
+        self.affine = bool(affine)
+        if self.affine:
+            self.params = {"weight": np.ones(num_channels), "bias": np.zeros(num_channels)}
+        self.zero_grad()
+
+    def forward(self, x):
+        x = _check_nc(self, x, self.num_channels, 2)
+        y, self._cache = F.group_norm_forward(x, self.num_groups, self.params.get("weight"), self.params.get("bias"), self.eps)
+        return y
+
+    def backward(self, dy):
+        """Input gradient; fills ``grads`` (overwriting)."""
+        dx, dw, db = F.group_norm_backward(dy, self._require_cache())
+        self._set_grads(weight=dw, bias=db)
+        return dx
+
+    def __repr__(self) -> str:
+        return f"GroupNorm({self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine})"
+
+
+class InstanceNorm(Layer):
+    """Instance normalization with PyTorch's semantics (statistics per sample and channel).
+
+    Parameters
+    ----------
+    num_features : int
+        C.
+    eps : float
+    momentum : float or None
+        Weight of the new batch in the running statistics.  As in PyTorch, ``None``
+        leaves the running statistics unchanged.
+    affine : bool
+        Learnable per-channel ``weight`` and ``bias`` (off by default, as in PyTorch).
+    track_running_stats : bool
+        Keep ``running_mean`` and ``running_var``: in train mode they move towards the
+        batch average of the instance means and unbiased instance variances; in eval
+        mode every instance is normalized with them.
+
+    Notes
+    -----
+    Input (N, C, *S) with prod(S) > 1 when instance statistics are used.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = False,
+        track_running_stats: bool = False,
+    ):
+        super().__init__()
+        if int(num_features) != num_features or num_features <= 0:
+            raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
+        if momentum is not None and not 0.0 <= float(momentum) <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1] or None, got {momentum!r}")
+        self.num_features = int(num_features)
+        self.eps = check_positive_float(eps, "eps")
+        self.momentum = None if momentum is None else float(momentum)
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        C = self.num_features
+        if self.affine:
+            self.params = {"weight": np.ones(C), "bias": np.zeros(C)}
+        if self.track_running_stats:
+            self.buffers = {
+                "running_mean": np.zeros(C),
+                "running_var": np.ones(C),
+                "num_batches_tracked": np.array(0, dtype=np.int64),
+            }
+        self.zero_grad()
+
+    def forward(self, x):
+        x = _check_nc(self, x, self.num_features, 3)
+        w, b = self.params.get("weight"), self.params.get("bias")
+        if self.training or not self.track_running_stats:
+            y, cache = F.instance_norm_forward(x, w, b, eps=self.eps)
+            if self.training and self.track_running_stats:
+                N, C = x.shape[:2]
+                L = x.size // (N * C)
+                f = 0.0 if self.momentum is None else self.momentum
+                inst_mean = cache.mean.reshape(N, C).mean(axis=0)
+                inst_var = (cache.var.reshape(N, C) * (L / (L - 1))).mean(axis=0)
+                self.buffers["running_mean"] = (1 - f) * self.buffers["running_mean"] + f * inst_mean
+                self.buffers["running_var"] = (1 - f) * self.buffers["running_var"] + f * inst_var
+        else:
+            y, cache = F.instance_norm_forward(
+                x, w, b, mean=self.buffers["running_mean"], var=self.buffers["running_var"], eps=self.eps
+            )
+        self._cache = cache
+        return y
+
+    def backward(self, dy):
+        """Input gradient; fills ``grads`` (overwriting)."""
+        dx, dw, db = F.instance_norm_backward(dy, self._require_cache())
+        self._set_grads(weight=dw, bias=db)
+        return dx
+
+    def __repr__(self) -> str:
+        return (
+            f"InstanceNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats})"
+        )

@@ -1,0 +1,179 @@
+"""OnlineNorm against a plain NumPy loop written from SPEC §5, over consecutive calls."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from naive import numerical_grad
+import streamnorm as sn
+from streamnorm import functional as F
+
+
+class OnlineRef:
+    """SPEC §5 as a loop over samples, channels and values."""
+
+    def __init__(self, C, af, ab, eps, w, b, ecm=None):
+        self.mu, self.var = np.zeros(C), np.ones(C)
+        self.u, self.v = np.zeros(C), np.zeros(C)
+        self.af, self.ab, self.eps, self.w, self.b, self.ecm = af, ab, eps, w, b, ecm
+
+    def forward(self, x):
+        x = x.reshape(x.shape[0], x.shape[1], -1).astype(np.float64)
+        N, C, L = x.shape
+        y = np.empty_like(x)
+        self.scales = np.empty((N, C))
+        for t in range(N):
+            for c in range(C):
+                scale = np.sqrt(self.var[c] + self.eps)
+                self.scales[t, c] = scale
+                y[t, c] = (x[t, c] - self.mu[c]) / scale
+                m, s2 = x[t, c].mean(), x[t, c].var()
+                d = m - self.mu[c]
+                self.mu[c] += (1 - self.af) * d
+                self.var[c] = self.af * self.var[c] + (1 - self.af) * s2 + self.af * (1 - self.af) * d * d
+        self.y = y
+        out = y * self.w[:, None] + self.b[:, None]
+        self.pre = out
+        if self.ecm == "ac":
+            out = np.clip(out, -5, 5)
+        elif self.ecm == "ls":
+            self.s = 1 / np.sqrt((out**2).mean(axis=(1, 2), keepdims=True) + 1e-5)
+            out = out * self.s
+        return out
+
+    def backward(self, dout):
+        dout = dout.reshape(self.y.shape).astype(np.float64)
+        if self.ecm == "ac":
+            dout = np.where(np.abs(self.pre) > 5, 0.0, dout)
+        elif self.ecm == "ls":
+            a, s = self.pre, self.s
+            dout = s * dout - a * s**3 * (dout * a).mean(axis=(1, 2), keepdims=True)
+        dw = (dout * self.y).sum((0, 2))
+        db = dout.sum((0, 2))
+        g_all = dout * self.w[:, None]
+        dx = np.empty_like(g_all)
+        N, C, L = g_all.shape
+        for t in range(N):
+            for c in range(C):
+                g, y = g_all[t, c], self.y[t, c]
+                gt = g - (1 - self.ab) * self.v[c] * y
+                self.v[c] += (gt * y).mean()
+                gh = gt / self.scales[t, c]
+                dx[t, c] = gh - (1 - self.ab) * self.u[c]
+                self.u[c] += dx[t, c].mean()
+        return dx, dw, db
+
+
+@pytest.mark.parametrize("shape", [(7, 3), (5, 4, 6), (4, 3, 2, 5), (1, 3, 4)])
+@pytest.mark.parametrize("ecm", [None, "ac", "ls"])
+def test_matches_spec_loop_over_consecutive_calls(rng, shape, ecm):
+    C = shape[1]
+    af, ab = 0.9, 0.8  # not the defaults, so the decays are really exercised
+    layer = sn.OnlineNorm(C, alpha_fwd=af, alpha_bkw=ab, eps=1e-4, ecm=ecm)
+    layer.params["weight"] = rng.standard_normal(C) * (3 if ecm == "ac" else 1)
+    layer.params["bias"] = rng.standard_normal(C)
+    ref = OnlineRef(C, af, ab, 1e-4, layer.params["weight"], layer.params["bias"], ecm)
+    for call in range(4):
+        x = rng.standard_normal(shape) * (1 + call) + call
+        dy = rng.standard_normal(shape)
+        y = layer(x)
+        np.testing.assert_allclose(y, ref.forward(x).reshape(shape), rtol=1e-12, atol=1e-12)
+        dx = layer.backward(dy)
+        rdx, rdw, rdb = ref.backward(dy)
+        np.testing.assert_allclose(dx, rdx.reshape(shape), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(layer.grads["weight"], rdw, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(layer.grads["bias"], rdb, rtol=1e-10, atol=1e-12)
+        for k in ("mu", "var", "u", "v"):
+            np.testing.assert_allclose(layer.buffers[k], getattr(ref, k), rtol=1e-12, atol=1e-14)
+    if ecm == "ac":
+        assert np.any(np.abs(ref.pre) > 5)  # clamping was exercised
+
+
+def test_float32_input(rng):
+    layer = sn.OnlineNorm(4, alpha_fwd=0.5)
+    x = rng.standard_normal((6, 4, 3)).astype(np.float32)
+    y = layer(x)
+    assert y.dtype == np.float32
+    ref = OnlineRef(4, 0.5, 0.99, 1e-5, np.ones(4), np.zeros(4))
+    np.testing.assert_allclose(y, ref.forward(x).reshape(x.shape), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("ecm", [None, "ac", "ls"])
+def test_eval_mode_gradient_is_exact_and_state_frozen(rng, ecm):
+    C = 3
+    mu, var = rng.standard_normal(C), rng.random(C) + 0.5
+    w, b = rng.standard_normal(C) * 4, rng.standard_normal(C)
+    x = rng.standard_normal((4, C, 5))
+    dy = rng.standard_normal(x.shape)
+
+    def f(xx, ww=w, bb=b):
+        return F.online_norm_forward(xx, mu, var, ww, bb, training=False, ecm=ecm)[0]
+
+    y, nmu, nvar, cache = F.online_norm_forward(x, mu, var, w, b, training=False, ecm=ecm)
+    np.testing.assert_array_equal(nmu, mu)
+    np.testing.assert_array_equal(nvar, var)
+    dx, dw, db, u, v = F.online_norm_backward(dy, cache, np.ones(C), np.ones(C))
+    np.testing.assert_array_equal(u, np.ones(C))
+    np.testing.assert_allclose(dx, numerical_grad(f, x.copy(), dy), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(dw, numerical_grad(lambda ww: f(x, ww, b), w.copy(), dy), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(db, numerical_grad(lambda bb: f(x, w, bb), b.copy(), dy), rtol=1e-6, atol=1e-8)
+
+
+def test_affine_gradients_are_exact_in_train_mode(rng):
+    C = 3
+    x = rng.standard_normal((5, C, 4))
+    dy = rng.standard_normal(x.shape)
+    w, b = rng.standard_normal(C), rng.standard_normal(C)
+    mu, var = np.zeros(C), np.ones(C)
+    f = lambda ww, bb: F.online_norm_forward(x, mu, var, ww, bb, alpha_fwd=0.7)[0]  # noqa: E731
+    _, _, _, cache = F.online_norm_forward(x, mu, var, w, b, alpha_fwd=0.7)
+    _, dw, db, _, _ = F.online_norm_backward(dy, cache, np.zeros(C), np.zeros(C))
+    np.testing.assert_allclose(dw, numerical_grad(lambda ww: f(ww, b), w.copy(), dy), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(db, numerical_grad(lambda bb: f(w, bb), b.copy(), dy), rtol=1e-6, atol=1e-8)
+
+
+def test_batch_of_one_reset_and_state_dict(rng):
+    layer = sn.OnlineNorm(3, alpha_fwd=0.5)
+    for _ in range(3):
+        layer(rng.standard_normal((1, 3)))
+        layer.backward(rng.standard_normal((1, 3)))
+    sd = layer.state_dict()
+    assert {"mu", "var", "u", "v", "weight", "bias"} <= set(sd)
+    assert not np.allclose(sd["mu"], 0) and not np.allclose(sd["u"], 0)
+    other = sn.OnlineNorm(3, alpha_fwd=0.5)
+    other.load_state_dict(sd)
+    x = rng.standard_normal((2, 3))
+    np.testing.assert_array_equal(other(x), layer(x))
+    layer.reset()
+    np.testing.assert_array_equal(layer.buffers["var"], np.ones(3))
+    np.testing.assert_array_equal(layer.buffers["u"], np.zeros(3))
+
+
+def test_eval_updates_nothing(rng):
+    layer = sn.OnlineNorm(3)
+    layer(rng.standard_normal((4, 3)))
+    layer.eval()
+    before = layer.state_dict()
+    layer(rng.standard_normal((4, 3)))
+    layer.backward(rng.standard_normal((4, 3)))
+    for k, v in layer.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
+
+
+def test_errors_leave_state_alone(rng):
+    layer = sn.OnlineNorm(3)
+    layer(rng.standard_normal((4, 3)))
+    before = layer.state_dict()
+    with pytest.raises(ValueError, match="3 channels"):
+        layer(np.ones((4, 2)))
+    with pytest.raises(ValueError, match="dy has shape"):
+        layer.backward(np.ones((5, 3)))
+    with pytest.raises(TypeError, match="complex"):
+        layer(np.ones((4, 3), dtype=complex))
+    for k, v in layer.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
+    with pytest.raises(ValueError, match="alpha_fwd"):
+        sn.OnlineNorm(3, alpha_fwd=1.0)
+    with pytest.raises(ValueError, match="ecm"):
+        sn.OnlineNorm(3, ecm="xx")
