@@ -28,7 +28,9 @@ from ._welford import welford_add as _welford_py
 _chan = njit(inline="always", cache=True)(_chan_py)
 _welford = njit(inline="always", cache=True)(_welford_py)
 
-_JIT = dict(cache=True, nogil=True)
+# error_model="numpy": IEEE semantics for division (inf/nan, no ZeroDivisionError
+# branch), which also lets LLVM vectorize loops that divide.
+_JIT = dict(cache=True, nogil=True, error_model="numpy")
 
 
 # ---------------------------------------------------------------------------
@@ -659,4 +661,85 @@ def online_bwd(dout, x, mu, var, u, v, alpha_f, alpha_b, eps, weight, update, dx
                     d = mt - m
                     mu[c] = m + (1.0 - a) * d
                     var[c] = a * var[c] + (1.0 - a) * st + a * (1.0 - a) * d * d
+    return dw, db
+
+
+@njit(parallel=True, **_JIT)
+def online_fwd_cols(x, mu, var, alpha_f, eps, weight, bias, out, nthreads):
+    """:func:`online_fwd` for (N, C) input (L = 1: s²_t = 0), vectorized over channels.
+
+    Each thread owns a contiguous block of channels and walks time in order.  Inner
+    loops index slices from 0 (numba's negative-index wraparound check would otherwise
+    stop LLVM from vectorizing them).
+    """
+    N, C = x.shape
+    a = alpha_f
+    for t in prange(nthreads):
+        c0 = t * C // nthreads
+        c1 = (t + 1) * C // nthreads
+        m_ = mu[c0:c1]
+        v_ = var[c0:c1]
+        w_ = weight[c0:c1]
+        b_ = bias[c0:c1]
+        for n in range(N):
+            xr = x[n, c0:c1]
+            orow = out[n, c0:c1]
+            for c in range(c1 - c0):
+                m = m_[c]
+                v = v_[c]
+                xv = np.float64(xr[c])
+                orow[c] = (xv - m) * (w_[c] / np.sqrt(v + eps)) + b_[c]
+                d = xv - m
+                m_[c] = m + (1.0 - a) * d
+                v_[c] = a * v + a * (1.0 - a) * d * d
+
+
+@njit(parallel=True, **_JIT)
+def online_bwd_cols(dout, x, mu, var, u, v, alpha_f, alpha_b, eps, weight, update, dx, nthreads):
+    """:func:`online_bwd` for (N, C) input (L = 1), vectorized over channels."""
+    N, C = x.shape
+    a = alpha_f
+    cb = 1.0 - alpha_b
+    dw = np.zeros(C)
+    db = np.zeros(C)
+    for t in prange(nthreads):
+        c0 = t * C // nthreads
+        c1 = (t + 1) * C // nthreads
+        m_ = mu[c0:c1]
+        v_ = var[c0:c1]
+        u_ = u[c0:c1]
+        vc_ = v[c0:c1]
+        w_ = weight[c0:c1]
+        dw_ = dw[c0:c1]
+        db_ = db[c0:c1]
+        for n in range(N):
+            xr = x[n, c0:c1]
+            gr = dout[n, c0:c1]
+            dr = dx[n, c0:c1]
+            if update:
+                for c in range(c1 - c0):
+                    m = m_[c]
+                    vv = v_[c]
+                    inv = 1.0 / np.sqrt(vv + eps)
+                    xv = np.float64(xr[c])
+                    y = (xv - m) * inv
+                    go = np.float64(gr[c])
+                    dw_[c] += go * y
+                    db_[c] += go
+                    gt = go * w_[c] - cb * vc_[c] * y
+                    vc_[c] += gt * y
+                    d = gt * inv - cb * u_[c]
+                    dr[c] = d
+                    u_[c] += d
+                    dd = xv - m
+                    m_[c] = m + (1.0 - a) * dd
+                    v_[c] = a * vv + a * (1.0 - a) * dd * dd
+            else:
+                for c in range(c1 - c0):
+                    inv = 1.0 / np.sqrt(v_[c] + eps)
+                    y = (xr[c] - m_[c]) * inv
+                    go = np.float64(gr[c])
+                    dw_[c] += go * y
+                    db_[c] += go
+                    dr[c] = go * w_[c] * inv
     return dw, db

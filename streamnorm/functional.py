@@ -561,7 +561,9 @@ def online_norm_forward(
     y = np.empty(x3.shape, dtype=x.dtype)
     new_mu, new_var = mu0.copy(), var0.copy()
     if x3.size:
-        if training:
+        if training and x3.shape[2] == 1:
+            K.online_fwd_cols(x3[:, :, 0], new_mu, new_var, float(alpha_fwd), eps, wk, bk, y[:, :, 0], _moments.nthreads())
+        elif training:
             K.online_fwd(x3, new_mu, new_var, float(alpha_fwd), eps, wk, bk, y, _moments.nthreads())
         else:
             K.apply_ncl(x3, mu0, wk / np.sqrt(var0 + eps), bk, y)
@@ -619,9 +621,12 @@ def online_norm_backward(dy, cache: OnlineNormCache, u, v, *, alpha_bkw: float =
         g = (s * (g - a * (s * s) * m)).astype(g.dtype, copy=False)
     dx = np.empty(x3.shape, dtype=_out_dtype(x3, g))
     if x3.size:
-        dw, db = K.online_bwd(
-            g, x3, cache.mu0.copy(), cache.var0.copy(), new_u, new_v, cache.alpha_fwd, float(alpha_bkw),
-            cache.eps, cache.weight, cache.training, dx, _moments.nthreads(),
+        cols = x3.shape[2] == 1
+        kernel = K.online_bwd_cols if cols else K.online_bwd
+        sel = (lambda a: a[:, :, 0]) if cols else (lambda a: a)
+        dw, db = kernel(
+            sel(g), sel(x3), cache.mu0.copy(), cache.var0.copy(), new_u, new_v, cache.alpha_fwd, float(alpha_bkw),
+            cache.eps, cache.weight, cache.training, sel(dx), _moments.nthreads(),
         )
     else:
         dw, db = np.zeros(C), np.zeros(C)
