@@ -16,6 +16,7 @@ from .layers import (
     OnlineNorm,
     RMSNorm,
 )
+from .scaler import StreamScaler, normalize_stream
 from .stats import RunningStats
 
 __version__ = "0.1.0"
@@ -32,6 +33,8 @@ __all__ = [
     "OnlineNorm",
     "RMSNorm",
     "RunningStats",
+    "StreamScaler",
+    "normalize_stream",
     "functional",
     "__version__",
 ]
