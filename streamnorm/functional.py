@@ -24,6 +24,7 @@ __all__ = [
     "GroupNormCache",
     "OnlineNormCache",
     "RowNormCache",
+    "batch_moments",
     "batch_norm_forward",
     "batch_norm_backward",
     "group_norm_forward",
@@ -63,9 +64,13 @@ def _out_dtype(*arrays: np.ndarray) -> np.dtype:
 class BatchNormCache(NamedTuple):
     """What :func:`batch_norm_backward` needs from the forward.
 
-    ``x3`` is the input's canonical view, (M, C) when ``cols`` else (N, C, L);
-    ``mean``, ``rstd``, ``var`` are (C,) float64; ``var`` is the biased batch variance
-    when ``batch_stats`` is true, else the variance that was passed in.
+    ``x3`` is the input's canonical view, (M, C) when ``cols`` else (N, C, L).  All
+    statistics are (C,) float64: ``mean``/``var`` are the ones x was normalized with,
+    ``batch_mean``/``batch_var`` the batch's own (biased) ones, or None when the
+    statistics were given.  With batch statistics the normalization used
+    ``mean = p·prior_mean + (1 − p)·batch_mean`` and
+    ``var = p·prior_var + (1 − p)·c·batch_var`` (``p = prior_weight``, ``c`` 1 or
+    m/(m − 1)); train mode is ``p = 0, c = 1``.
     """
 
     x3: np.ndarray
@@ -77,6 +82,10 @@ class BatchNormCache(NamedTuple):
     count: int
     batch_stats: bool
     shape: tuple[int, ...]
+    batch_mean: np.ndarray | None = None
+    batch_var: np.ndarray | None = None
+    prior_weight: float = 0.0
+    var_factor: float = 1.0
 
 
 def _bn_view(x: np.ndarray, axis: int) -> tuple[np.ndarray, bool, int]:
@@ -97,6 +106,23 @@ def _bn_view(x: np.ndarray, axis: int) -> tuple[np.ndarray, bool, int]:
     return np.ascontiguousarray(canonical_view(x, (n, c, l))), False, c
 
 
+def batch_moments(x, axis: int = 1):
+    """Per-channel (count, mean, biased var) of x over every axis but the channel axis.
+
+    Returns ``(m, mean, var)`` with m an int and (C,) float64 arrays.
+    """
+    x = as_float_array(x)
+    x3, cols, C = _bn_view(x, axis)
+    count = x.size // C if C else 0
+    if count == 0:
+        return 0, np.full(C, np.nan), np.full(C, np.nan)
+    if cols:
+        _, mu, m2 = _moments.col_moments(x3.reshape(1, *x3.shape))
+    else:
+        _, mu, m2 = _moments.ncl_moments(x3)
+    return count, mu, m2 / count
+
+
 def batch_norm_forward(
     x,
     weight=None,
@@ -106,8 +132,12 @@ def batch_norm_forward(
     var=None,
     eps: float = 1e-5,
     axis: int = 1,
+    prior_mean=None,
+    prior_var=None,
+    prior_weight: float = 0.0,
+    unbiased: bool = False,
 ):
-    """Batch normalization forward (SPEC §3).
+    """Batch normalization forward (SPEC §3, and the blends of SPEC §6).
 
     Parameters
     ----------
@@ -123,14 +153,21 @@ def batch_norm_forward(
         Added to the variance under the square root.
     axis : int
         The channel axis (1 by default; -1 for channels-last).
+    prior_mean, prior_var : array_like of shape (C,), optional
+        With batch statistics, blend them with these: ``μ = p·prior_mean + (1-p)·μ_b``,
+        ``σ² = p·prior_var + (1-p)·σ²_b`` with ``p = prior_weight``; the backward is
+        exact for the blend.  Test-time adaptation is built on this.
+    prior_weight : float in [0, 1]
+    unbiased : bool
+        Blend the batch's unbiased variance ``σ²_b·m/(m-1)`` instead of the biased one.
 
     Returns
     -------
     y : ndarray, the shape and dtype of ``x``
     cache : BatchNormCache
-        ``cache.mean`` and ``cache.var`` are the statistics used (the batch's in train
-        mode, for updating running statistics), ``cache.count`` the number of values per
-        channel.
+        ``cache.mean`` and ``cache.var`` are the statistics used; ``cache.batch_mean``
+        and ``cache.batch_var`` the batch's own (biased) ones, for updating running
+        statistics; ``cache.count`` the number of values per channel.
     """
     x = as_float_array(x)
     eps = check_positive_float(eps, "eps")
@@ -140,18 +177,27 @@ def batch_norm_forward(
     b = _vec(bias, C, "bias")
     if (mean is None) != (var is None):
         raise ValueError("pass both mean and var (eval mode) or neither (batch statistics)")
+    p = float(prior_weight)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"prior_weight must be in [0, 1], got {prior_weight!r}")
     batch_stats = mean is None
+    bmu = bvar = None
+    c = 1.0
     if batch_stats:
         if count <= 1:
             raise ValueError(
                 f"BatchNorm with batch statistics needs more than 1 value per channel, got input of "
                 f"shape {x.shape} ({count} value per channel): the variance is undefined"
             )
-        if cols:
-            _, mu, m2 = _moments.col_moments(x3.reshape(1, *x3.shape))
-        else:
-            _, mu, m2 = _moments.ncl_moments(x3)
-        v = m2 / count
+        _, bmu, bvar = batch_moments(x3, axis=1)
+        c = count / (count - 1) if unbiased else 1.0
+        mu, v = bmu, bvar * c
+        if p > 0.0:
+            pm, pv = _vec(prior_mean, C, "prior_mean"), _vec(prior_var, C, "prior_var")
+            if pm is None or pv is None:
+                raise ValueError("prior_weight > 0 needs prior_mean and prior_var")
+            mu = p * pm + (1.0 - p) * bmu
+            v = p * pv + (1.0 - p) * v
     else:
         mu = _vec(mean, C, "mean")
         v = _vec(var, C, "var")
@@ -161,7 +207,7 @@ def batch_norm_forward(
     y = np.empty(x3.shape, dtype=x.dtype)
     if y.size:
         (K.apply_cols if cols else K.apply_ncl)(x3, mu, scale, shift, y)
-    cache = BatchNormCache(x3, cols, mu, v, rstd, w, count, batch_stats, x.shape)
+    cache = BatchNormCache(x3, cols, mu, v, rstd, w, count, batch_stats, x.shape, bmu, bvar, p, c)
     return y.reshape(x.shape), cache
 
 
@@ -170,7 +216,10 @@ def batch_norm_backward(dy, cache: BatchNormCache):
 
     Train mode (batch statistics), per channel over its m values:
     ``dx = (γ r / m)·(m·dy − Σdy − x̂·Σ(dy·x̂))``; eval mode ``dx = γ r dy``.
-    In both, ``dγ = Σ dy·x̂`` and ``dβ = Σ dy``.
+    In both, ``dγ = Σ dy·x̂`` and ``dβ = Σ dy``.  For blended statistics (see
+    :func:`batch_norm_forward`) the statistics' terms are scaled by ``(1 − p)`` and the
+    variance term by ``c``:
+    ``dx = γr·dy − γr(1−p)·Σdy/m − γr³(1−p)c·(x − μ_b)·Σdy(x − μ)/m``.
 
     Parameters
     ----------
@@ -198,18 +247,23 @@ def batch_norm_backward(dy, cache: BatchNormCache):
     dx = np.empty(shape, dtype=_out_dtype(x3, dy3))
     sums = K.bn_bwd_sums_cols if cache.cols else K.bn_bwd_sums_ncl
     nt = _moments.nthreads()
-    write_dx = not cache.batch_stats
+    # the sums are taken around the batch mean where there is one (the dx kernel needs
+    # x - μ_b), and Σdy(x - μ) follows from Σdy(x - μ_b) + (μ_b - μ)·Σdy
+    center = cache.batch_mean if cache.batch_stats else cache.mean
     if dx.size:
-        s1, s2 = sums(dy3, x3, cache.mean, k1, dx, write_dx, nt)
+        s1, s2 = sums(dy3, x3, center, k1, dx, not cache.batch_stats, nt)
     else:
         s1, s2 = np.zeros(C), np.zeros(C)
+    if cache.batch_stats:
+        s2 = s2 + (center - cache.mean) * s1
     dbias = s1
     dweight = r * s2
     if cache.batch_stats and dx.size:
         m = float(cache.count)
-        k2 = -g * r * r * dweight / m
-        k3 = -k1 * s1 / m
-        (K.bn_bwd_dx_cols if cache.cols else K.bn_bwd_dx_ncl)(dy3, x3, cache.mean, k1, k2, k3, dx)
+        q = 1.0 - cache.prior_weight
+        k2 = -g * r * r * q * cache.var_factor * dweight / m
+        k3 = -k1 * q * s1 / m
+        (K.bn_bwd_dx_cols if cache.cols else K.bn_bwd_dx_ncl)(dy3, x3, center, k1, k2, k3, dx)
     return dx.reshape(out_shape), dweight, dbias
 
 

@@ -43,6 +43,7 @@ class BatchNorm(Layer):
     """
 
     _ndims: tuple[int, ...] | None = None
+    _ADAPT_MODES = ("batch", "prior", "ema", "cumulative", "dua")
 
     def __init__(
         self,
@@ -64,6 +65,8 @@ class BatchNorm(Layer):
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
         self.axis = int(axis)
+        self._adapt: dict | None = None
+        self._source: tuple[np.ndarray, np.ndarray] | None = None
         C = self.num_features
         if self.affine:
             self.params = {"weight": np.ones(C), "bias": np.zeros(C)}
@@ -115,7 +118,9 @@ class BatchNorm(Layer):
         if self.training or not self.track_running_stats:
             y, cache = F.batch_norm_forward(x, w, b, eps=self.eps, axis=self.axis)
             if self.training and self.track_running_stats:
-                self._update_running(cache.mean, cache.var, cache.count)
+                self._update_running(cache.batch_mean, cache.batch_var, cache.count)
+        elif self._adapt is not None:
+            y, cache = self._adapt_forward(x, w, b)
         else:
             y, cache = F.batch_norm_forward(
                 x, w, b, mean=self.running_mean, var=self.running_var, eps=self.eps, axis=self.axis
@@ -133,6 +138,117 @@ class BatchNorm(Layer):
         self.buffers["running_mean"] = rm
         self.buffers["running_var"] = rv
         self.buffers["num_batches_tracked"] = np.array(nbt, dtype=np.int64)
+
+    # -------------------------------------------------- test-time adaptation
+    def adapt(
+        self,
+        mode: str | None,
+        *,
+        prior_strength: float = 16.0,
+        momentum: float = 0.1,
+        m0: float = 0.1,
+        omega: float = 0.94,
+        m_min: float = 0.005,
+    ) -> "BatchNorm":
+        """Adapt the statistics of an eval-mode layer to the batches it sees (SPEC §6).
+
+        The source statistics are the running statistics when adaptation starts; they
+        are kept, and :meth:`reset_adaptation` restores them exactly.
+
+        Parameters
+        ----------
+        mode : {'batch', 'prior', 'ema', 'cumulative', 'dua'} or None
+            ``'batch'``: normalize with each test batch's own statistics, update
+            nothing.  ``'prior'``: mix source and batch statistics with
+            ``p = N/(N + n)`` (N = ``prior_strength``, n = samples in the batch);
+            the source never changes.  ``'ema'``: running statistics, starting from
+            the source, take each batch in with ``momentum`` before it is normalized.
+            ``'cumulative'``: the equal-weight average of every test batch's
+            statistics so far.  ``'dua'``: ``'ema'`` with the decaying momentum
+            ``m0·omega**k + m_min`` for the k-th batch (k = 1, 2, ...).  ``None``
+            stops adapting and keeps the running statistics as they are.
+        prior_strength, momentum, m0, omega, m_min : float
+            The options of the modes above.
+
+        Returns
+        -------
+        self
+
+        Notes
+        -----
+        Batch variances enter the running statistics unbiased (m/(m - 1)), as in
+        training; ``'batch'`` normalizes with the biased one, as train mode does.  The
+        backward is exact for every mode (gradients flow through the batch part of the
+        statistics), which is what entropy minimization (TENT) needs.
+        """
+        if mode is None:
+            self._adapt = None
+            self._source = None
+            return self
+        if mode not in self._ADAPT_MODES:
+            raise ValueError(f"unknown adaptation mode {mode!r}; choose one of {self._ADAPT_MODES} or None")
+        if not self.track_running_stats:
+            raise ValueError("adaptation needs source statistics: this layer has track_running_stats=False")
+        if self.training:
+            raise RuntimeError("adapt() works on an eval-mode layer (adaptation happens at test time): call eval() first")
+        if prior_strength < 0:
+            raise ValueError(f"prior_strength must be >= 0, got {prior_strength!r}")
+        for name, val in (("momentum", momentum), ("m0", m0), ("m_min", m_min)):
+            if not 0.0 <= val <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {val!r}")
+        if not 0.0 < omega <= 1.0 or m0 + m_min > 1.0:
+            raise ValueError(f"need 0 < omega <= 1 and m0 + m_min <= 1, got omega={omega!r}, m0 + m_min={m0 + m_min!r}")
+        if self._source is None:
+            self._source = (self.buffers["running_mean"].copy(), self.buffers["running_var"].copy())
+        self._adapt = {
+            "mode": mode, "prior_strength": float(prior_strength), "momentum": float(momentum),
+            "m0": float(m0), "omega": float(omega), "m_min": float(m_min), "k": 0,
+        }
+        return self
+
+    @property
+    def adaptation(self) -> str | None:
+        """The active adaptation mode, or None."""
+        return None if self._adapt is None else self._adapt["mode"]
+
+    def reset_adaptation(self) -> "BatchNorm":
+        """Restore the source statistics exactly and restart the mode's schedule."""
+        if self._source is not None:
+            self.buffers["running_mean"] = self._source[0].copy()
+            self.buffers["running_var"] = self._source[1].copy()
+        if self._adapt is not None:
+            self._adapt["k"] = 0
+        return self
+
+    def _adapt_forward(self, x, w, b):
+        a = self._adapt
+        mode = a["mode"]
+        kw = dict(eps=self.eps, axis=self.axis)
+        if mode == "batch":
+            return F.batch_norm_forward(x, w, b, **kw)
+        if mode == "prior":
+            n = x.shape[0]
+            p = a["prior_strength"] / (a["prior_strength"] + n)
+            src_mean, src_var = self._source
+            return F.batch_norm_forward(
+                x, w, b, prior_mean=src_mean, prior_var=src_var, prior_weight=p, unbiased=True, **kw
+            )
+        k = a["k"] + 1
+        if mode == "ema":
+            mom = a["momentum"]
+        elif mode == "dua":
+            mom = a["m0"] * a["omega"] ** k + a["m_min"]
+        else:  # cumulative: the k-th batch weighs 1/k
+            mom = 1.0 / k
+        y, cache = F.batch_norm_forward(
+            x, w, b, prior_mean=self.buffers["running_mean"], prior_var=self.buffers["running_var"],
+            prior_weight=1.0 - mom, unbiased=True, **kw,
+        )
+        # the blend just used is the updated running statistics (committed on success)
+        self.buffers["running_mean"] = cache.mean.copy()
+        self.buffers["running_var"] = cache.var.copy()
+        a["k"] = k
+        return y, cache
 
     # ---------------------------------------------------------------- backward
     def backward(self, dy):
