@@ -1,4 +1,4 @@
-"""Command line: ``python -m streamnorm bench``."""
+"""Command line: ``python -m streamnorm demo`` and ``python -m streamnorm bench``."""
 
 from __future__ import annotations
 
@@ -7,11 +7,15 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    usage = "usage: python -m streamnorm {bench} [options]   (python -m streamnorm bench --help)"
+    usage = "usage: python -m streamnorm {demo,bench} [options]   (python -m streamnorm demo --help)"
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
+    if cmd == "demo":
+        from ._demo import main as demo
+
+        return demo(rest)
     if cmd == "bench":
         from ._bench import main as bench
 
