@@ -42,6 +42,16 @@ PASSES = {
     "bn_backward_train": 5,
     "ln_forward": 2,
     "ln_backward": 3,
+    # A (sample, group) block of GroupNorm and InstanceNorm, like a LayerNorm row,
+    # stays in cache between its statistics and its output.
+    "gn_forward": 2,
+    "gn_backward": 3,
+    "rms_forward": 2,
+    "rms_backward": 3,
+    # OnlineNorm reads x and writes y; one sample of one channel (L values) stays in
+    # cache between the output and the update of the carried statistics.
+    "online_forward": 2,
+    "online_backward": 3,
 }
 
 # At least 256 MB, as SPEC §7 asks: far larger than any cache.
