@@ -57,6 +57,7 @@ class Case:
     passes: int
     ours: Callable[[], object]
     peers: dict[str, Callable[[], object]] = field(default_factory=dict)
+    per_second: tuple[int, str] | None = None  # (items per call, unit) for a throughput note
 
 
 @dataclass
@@ -70,6 +71,7 @@ class Row:
     bound_fraction: float
     peers_ms: dict[str, float]
     speedup: dict[str, float]
+    throughput: str = ""
 
 
 def _torch():
@@ -88,8 +90,60 @@ def _sklearn_scaler():
     return StandardScaler
 
 
+def _layer_cases(label, layer, make_torch, x, dy, dname, torch, *, eval_too=False) -> list[Case]:
+    """Forward (train), optionally forward (eval), and forward+backward rows for one layer.
+
+    ``make_torch(dtype)`` builds the PyTorch module measured beside it, on the same data
+    (``torch.from_numpy`` shares the memory).
+    """
+
+    def ours_fb():
+        layer.train()
+        layer(x)
+        return layer.backward(dy)
+
+    def ours_fwd():
+        layer.train()
+        return layer(x)
+
+    def ours_eval():
+        layer.eval()
+        return layer(x)
+
+    peers: dict[str, dict[str, Callable[[], object]]] = {"fwd": {}, "eval": {}, "fb": {}}
+    if torch is not None:
+        tx, tdy = torch.from_numpy(x), torch.from_numpy(dy)
+        tmod = make_torch(tx.dtype)
+
+        def t_fwd(train=True):
+            tmod.train(train)
+            with torch.no_grad():
+                return tmod(tx)
+
+        def t_fb():
+            tmod.train()
+            xg = tx.detach().requires_grad_(True)
+            tmod(xg).backward(tdy)
+            return xg.grad
+
+        peers = {"fwd": {"PyTorch": t_fwd}, "eval": {"PyTorch": lambda: t_fwd(False)}, "fb": {"PyTorch": t_fb}}
+    train = ", train" if eval_too else ""
+    cases = [Case(f"{label} forward{train}", x.shape, dname, x.nbytes, 3 if eval_too else 2, ours_fwd, peers["fwd"])]
+    if eval_too:
+        cases.append(Case(f"{label} forward, eval", x.shape, dname, x.nbytes, 2, ours_eval, peers["eval"]))
+    cases.append(
+        Case(f"{label} forward+backward{train}", x.shape, dname, x.nbytes, 8 if eval_too else 5, ours_fb, peers["fb"])
+    )
+    return cases
+
+
 def build_cases(size_mib: int, dtype=np.float32, seed: int = 0) -> list[Case]:
-    """The operations of the report, each on an input of about ``size_mib`` MiB."""
+    """The operations of the report, each on an input of about ``size_mib`` MiB.
+
+    Pass counts (SPEC §7): BatchNorm train forward 3, eval forward 2, train
+    forward+backward 3 + 5; LayerNorm, RMSNorm and GroupNorm forward 2 and
+    forward+backward 2 + 3; moments update 1; OnlineNorm forward+backward 2 + 3.
+    """
     rng = np.random.default_rng(seed)
     torch = _torch()
     Scaler = _sklearn_scaler()
@@ -101,10 +155,11 @@ def build_cases(size_mib: int, dtype=np.float32, seed: int = 0) -> list[Case]:
     def data(shape):
         return (rng.standard_normal(shape, dtype=np.float32) * 2 + 1).astype(dtype, copy=False)
 
-    # ---- RunningStats.update over 64 chunks, vs StandardScaler.partial_fit
+    # ---- RunningStats.update and StreamScaler.partial_fit over 64 chunks, vs scikit-learn
     C = 256
     N = n_values // C
     x = data((N, C))
+    dy = data((N, C))
     chunks = np.array_split(x, 64)
 
     def rs_update():
@@ -113,106 +168,86 @@ def build_cases(size_mib: int, dtype=np.float32, seed: int = 0) -> list[Case]:
             rs.update(c)
         return rs
 
+    def ss_fit():
+        s = sn.StreamScaler()
+        for c in chunks:
+            s.partial_fit(c)
+        return s
+
     peers = {}
     if Scaler is not None:
 
-        def sk_update():
+        def sk_fit():
             s = Scaler()
             for c in chunks:
                 s.partial_fit(c)
             return s
 
-        peers["scikit-learn"] = sk_update
+        peers["scikit-learn"] = sk_fit
     cases.append(Case("RunningStats.update (64 chunks)", x.shape, dname, x.nbytes, 1, rs_update, peers))
+    cases.append(Case("StreamScaler.partial_fit (64 chunks)", x.shape, dname, x.nbytes, 1, ss_fit, peers))
 
     # ---- BatchNorm on (N, C) and on (N, C, H, W) feature maps
-    dy = data((N, C))
-    for shape in ((N, C), (n_values // (64 * 128 * 128), 64, 128, 128)):
+    nchw = (n_values // (64 * 128 * 128), 64, 128, 128)
+    for shape in ((N, C), nchw):
         if shape[0] < 2:
             continue
-        cases += _batchnorm_cases(x.reshape(shape), dy.reshape(shape), dname, torch)
+        xs, dys = x.reshape(shape), dy.reshape(shape)
+        cls = "BatchNorm1d" if len(shape) <= 3 else "BatchNorm2d"
+        cases += _layer_cases(
+            "BatchNorm", sn.BatchNorm(shape[1]), lambda dt, c=shape[1], cls=cls: getattr(torch.nn, cls)(c).to(dt),
+            xs, dys, dname, torch, eval_too=True,
+        )
 
-    # ---- LayerNorm rows of 1024
+    # ---- row-wise and group normalizations
     D = 1024
-    xl = x.reshape(-1, D)
-    dyl = dy.reshape(-1, D)
-    ln = sn.LayerNorm(D)
+    xl, dyl = x.reshape(-1, D), dy.reshape(-1, D)
+    cases += _layer_cases("LayerNorm", sn.LayerNorm(D), lambda dt: torch.nn.LayerNorm(D).to(dt), xl, dyl, dname, torch)
+    cases += _layer_cases("RMSNorm", sn.RMSNorm(D), lambda dt: torch.nn.RMSNorm(D).to(dt), xl, dyl, dname, torch)
+    if nchw[0] >= 1:
+        xg, dyg = x.reshape(nchw), dy.reshape(nchw)
+        cases += _layer_cases(
+            "GroupNorm (32 groups)", sn.GroupNorm(32, 64), lambda dt: torch.nn.GroupNorm(32, 64).to(dt),
+            xg, dyg, dname, torch,
+        )
 
-    def ln_fwd_bwd():
-        ln(xl)
-        return ln.backward(dyl)
+    # ---- OnlineNorm on (N, C) = (4096, 256): time is the batch axis
+    xo, dyo = data((4096, 256)), data((4096, 256))
+    on = sn.OnlineNorm(256)
 
-    peers_fwd, peers_fb = {}, {}
-    if torch is not None:
-        txl = torch.from_numpy(xl)
-        tdyl = torch.from_numpy(dyl)
-        tln = torch.nn.LayerNorm(D).to(torch.float32 if dtype == np.float32 else torch.float64)
+    def on_fb():
+        on(xo)
+        return on.backward(dyo)
 
-        def tl_fwd():
-            with torch.no_grad():
-                return tln(txl)
-
-        def tl_fb():
-            xg = txl.detach().requires_grad_(True)
-            tln(xg).backward(tdyl)
-            return xg.grad
-
-        peers_fwd["PyTorch"] = tl_fwd
-        peers_fb["PyTorch"] = tl_fb
-    cases.append(Case("LayerNorm forward", xl.shape, dname, xl.nbytes, 2, lambda: ln(xl), peers_fwd))
-    cases.append(Case("LayerNorm forward+backward", xl.shape, dname, xl.nbytes, 5, ln_fwd_bwd, peers_fb))
+    cases.append(
+        Case("OnlineNorm forward+backward", xo.shape, dname, xo.nbytes, 5, on_fb, {}, per_second=(xo.size, "channel-samples"))
+    )
     return cases
 
 
-def _batchnorm_cases(x, dy, dname, torch) -> list[Case]:
-    C = x.shape[1]
-    bn = sn.BatchNorm(C)
-    bn_eval = sn.BatchNorm(C).eval()
-
-    def fwd_bwd():
-        bn(x)
-        return bn.backward(dy)
-
-    peers_fwd, peers_eval, peers_fb = {}, {}, {}
-    if torch is not None:
-        tx = torch.from_numpy(x)
-        tdy = torch.from_numpy(dy)
-        cls = torch.nn.BatchNorm1d if x.ndim <= 3 else torch.nn.BatchNorm2d
-        tbn = cls(C).to(tx.dtype)
-        tbn_eval = cls(C).to(tx.dtype).eval()
-
-        def t_fwd():
-            with torch.no_grad():
-                return tbn(tx)
-
-        def t_eval():
-            with torch.no_grad():
-                return tbn_eval(tx)
-
-        def t_fb():
-            xg = tx.detach().requires_grad_(True)
-            tbn(xg).backward(tdy)
-            return xg.grad
-
-        peers_fwd["PyTorch"] = t_fwd
-        peers_eval["PyTorch"] = t_eval
-        peers_fb["PyTorch"] = t_fb
-    return [
-        Case("BatchNorm forward, train", x.shape, dname, x.nbytes, 3, lambda: bn(x), peers_fwd),
-        Case("BatchNorm forward, eval", x.shape, dname, x.nbytes, 2, lambda: bn_eval(x), peers_eval),
-        Case("BatchNorm forward+backward, train", x.shape, dname, x.nbytes, 8, fwd_bwd, peers_fb),
-    ]
-
-
 def run_case(case: Case, bandwidth: float, repeat: int) -> Row:
-    t = _median_time(case.ours, repeat)
+    """Time ours and every peer, interleaved repeat by repeat (so that a slow spell of a
+    shared machine hits all of them alike), and report medians."""
+    fns = {"ours": case.ours, **case.peers}
+    for fn in fns.values():
+        fn()  # warm-up: compilation, page faults, allocator
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeat):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    t = statistics.median(times["ours"])
     traffic = case.passes * case.nbytes
     bound = traffic / bandwidth
     peers_ms, speedup = {}, {}
-    for name, fn in case.peers.items():
-        tp = _median_time(fn, repeat)
+    for name in case.peers:
+        tp = statistics.median(times[name])
         peers_ms[name] = tp * 1e3
         speedup[name] = tp / t
+    note = ""
+    if case.per_second is not None:
+        note = f"{case.per_second[0] / t / 1e6:.0f} M {case.per_second[1]}/s"
     return Row(
         case.op,
         "×".join(str(s) for s in case.shape),
@@ -223,6 +258,7 @@ def run_case(case: Case, bandwidth: float, repeat: int) -> Row:
         bound / t,
         peers_ms,
         speedup,
+        note,
     )
 
 
@@ -240,7 +276,11 @@ def format_table(rows: list[Row], bandwidth: float, threads: int) -> str:
             else:
                 line += ["–", "–"]
         lines.append(line)
-    widths = [max(len(l[i]) for l in lines) for i in range(len(head))]
+    if any(r.throughput for r in rows):
+        lines[0].append("throughput")
+        for line, r in zip(lines[1:], rows):
+            line.append(r.throughput or "–")
+    widths = [max(len(l[i]) for l in lines) for i in range(len(lines[0]))]
     out = []
     for k, l in enumerate(lines):
         out.append("| " + " | ".join(c.ljust(w) for c, w in zip(l, widths)) + " |")
