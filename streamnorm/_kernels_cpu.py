@@ -223,6 +223,63 @@ def col_moments(x, nthreads, block):
 
 
 @njit(parallel=True, **_JIT)
+def col_moments_omit(x, nthreads, block):
+    """:func:`col_moments` skipping NaNs, with a count per column.
+
+    The shift of every block is the column's first finite value in the thread's range
+    (found by a scan that normally stops at the first row), so a constant column still
+    gives its value as the mean and M2 exactly 0.  NaNs are masked with selects, which
+    keeps the loops vectorizable.
+    """
+    A, M, B = x.shape
+    F = A * B
+    pn = np.zeros((nthreads, F))
+    pm = np.zeros((nthreads, F))
+    p2 = np.zeros((nthreads, F))
+    for t in prange(nthreads):
+        r0 = t * M // nthreads
+        r1 = (t + 1) * M // nthreads
+        k = np.empty(B)
+        s = np.empty(B)
+        c = np.empty(B)
+        mb = np.empty(B)
+        for a in range(A):
+            xa = x[a]
+            for j in range(B):
+                k[j] = 0.0
+                for i in range(r0, r1):
+                    v = np.float64(xa[i, j])
+                    if np.isfinite(v):
+                        k[j] = v
+                        break
+            for b0 in range(r0, r1, block):
+                b1 = min(b0 + block, r1)
+                s[:] = 0.0
+                c[:] = 0.0
+                for i in range(b0, b1):
+                    row = xa[i]
+                    for j in range(B):
+                        v = row[j]
+                        ok = v == v  # the mask is on the value: inf - inf must stay NaN
+                        s[j] += (v - k[j]) if ok else 0.0
+                        c[j] += 1.0 if ok else 0.0
+                for j in range(B):
+                    mb[j] = k[j] + s[j] / c[j] if c[j] > 0 else 0.0
+                    s[j] = 0.0
+                for i in range(b0, b1):
+                    row = xa[i]
+                    for j in range(B):
+                        v = row[j]
+                        d = v - mb[j]
+                        s[j] += d * d if v == v else 0.0
+                off = a * B
+                for j in range(B):
+                    f = off + j
+                    pn[t, f], pm[t, f], p2[t, f] = _chan(pn[t, f], pm[t, f], p2[t, f], c[j], mb[j], s[j])
+    return _merge_partials(pn, pm, p2)
+
+
+@njit(parallel=True, **_JIT)
 def col_moments_general(x, w, has_w, omit, nthreads):
     """Like :func:`col_moments` with per-row weights ``w`` (M,) and/or NaN omission.
 

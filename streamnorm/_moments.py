@@ -26,9 +26,9 @@ def col_moments(x3: np.ndarray, weights: np.ndarray | None = None, omit: bool = 
     if M == 0 or A * B == 0:
         z = np.zeros(A * B)
         return z, z.copy(), z.copy()
-    if weights is None and not omit:
+    if weights is None:
         block = max(8, _BLOCK_VALUES // max(B, 1))
-        return K.col_moments(x3, nthreads(), block)
+        return (K.col_moments_omit if omit else K.col_moments)(x3, nthreads(), block)
     w = np.empty(0) if weights is None else weights
     return K.col_moments_general(x3, w, weights is not None, omit, nthreads())
 

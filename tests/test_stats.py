@@ -281,3 +281,21 @@ def test_constructor_errors():
         RunningStats(nan_policy="ignore")
     with pytest.raises(ValueError, match="decay"):
         RunningStats(decay=0.0)
+
+
+@pytest.mark.parametrize("policy", ["omit", "propagate"])
+def test_inf_makes_the_statistics_non_finite(policy):
+    x = np.array([[np.inf, 1.0], [2.0, 1.0], [3.0, np.nan if policy == "omit" else 1.0]])
+    rs = RunningStats(nan_policy=policy).update(x)
+    assert not np.isfinite(rs.mean[0]) and not np.isfinite(rs.var[0])  # never silently dropped
+    assert rs.mean[1] == 1.0 and rs.var[1] == 0.0
+
+
+def test_omit_with_constant_column_and_leading_nans():
+    x = np.full((3000, 2), 0.1 * 3)
+    x[:5, 0] = np.nan
+    rs = RunningStats(nan_policy="omit")
+    for chunk in np.array_split(x, 3):
+        rs.update(chunk)
+    np.testing.assert_array_equal(rs.count, [2995, 3000])
+    assert np.all(rs.mean == 0.1 * 3) and np.all(rs.var == 0.0)
