@@ -308,6 +308,25 @@ def machine_line(bandwidth: float, threads: int) -> str:
     )
 
 
+def scaler_agreement(size_mib: int, dtype) -> str:
+    """How closely StreamScaler's fitted statistics match StandardScaler's, float64 data."""
+    Scaler = _sklearn_scaler()
+    if Scaler is None:
+        return ""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((min(size_mib, 64) * MiB // 8 // 256, 256)) * rng.uniform(0.1, 10, 256) + rng.uniform(-50, 50, 256)
+    ours, theirs = sn.StreamScaler(), Scaler()
+    for c in np.array_split(x, 64):
+        ours.partial_fit(c)
+        theirs.partial_fit(c)
+    dm = np.max(np.abs(ours.mean_ - theirs.mean_) / np.abs(theirs.mean_))
+    dv = np.max(np.abs(ours.var_ - theirs.var_) / theirs.var_)
+    return (
+        f"StreamScaler vs scikit-learn StandardScaler, same 64 chunks of {x.shape[0]}×256 float64: "
+        f"max relative difference mean_ {dm:.1e}, var_ {dv:.1e}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m streamnorm bench", description=__doc__.splitlines()[0])
     p.add_argument("--size-mib", type=int, default=256, help="input size per operation (default 256)")
@@ -330,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(run_case(case, bandwidth, args.repeat))
         print(f"  measured {case.op}", file=sys.stderr, flush=True)
     print(format_table(rows, bandwidth, threads))
+    agreement = scaler_agreement(args.size_mib, np.dtype(args.dtype).type)
+    if agreement:
+        print(f"\n{agreement}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
