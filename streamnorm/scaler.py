@@ -294,26 +294,26 @@ class StreamScaler(*_BASES):  # type: ignore[misc]
         -------
         ndarray of shape (n_samples, n_features), X's float dtype (float64 for integers)
         """
-        if not hasattr(self, "_stats"):
-            _not_fitted(self)
-        Xa = self._check_X(X, reset=False)
-        _raise_on_inf(Xa)
-        shift, scale = self._shift_scale()
-        out = _out_array(Xa, self.copy if copy is None else copy)
-        if Xa.size:
-            _apply(Xa, shift, 1.0 / scale, np.zeros_like(shift), out)
-        return out
+        return self._affine(X, copy, inverse=False)
 
     def inverse_transform(self, X, copy: bool | None = None):
         """Map standardized data back: ``X * scale_ + mean_``."""
+        return self._affine(X, copy, inverse=True)
+
+    def _affine(self, X, copy: bool | None, inverse: bool) -> np.ndarray:
+        """``(X - mean_) / scale_`` or its inverse, in one pass of the per-feature kernel."""
         if not hasattr(self, "_stats"):
             _not_fitted(self)
         Xa = self._check_X(X, reset=False)
         _raise_on_inf(Xa)
-        shift, scale = self._shift_scale()
+        mean, scale = self._shift_scale()
+        zero = np.zeros_like(mean)
         out = _out_array(Xa, self.copy if copy is None else copy)
         if Xa.size:
-            _apply(Xa, np.zeros_like(shift), scale, shift, out)
+            if inverse:
+                K.apply_cols(Xa, zero, scale, mean, out)
+            else:
+                K.apply_cols(Xa, mean, 1.0 / scale, zero, out)
         return out
 
     def fit_transform(self, X, y=None, sample_weight=None):
@@ -418,11 +418,6 @@ def _out_array(X: np.ndarray, copy: bool) -> np.ndarray:
     if not copy and X.flags.writeable and X.dtype in (np.float32, np.float64):
         return X
     return np.empty(X.shape, dtype=X.dtype)
-
-
-def _apply(X, mean, scale, shift, out) -> None:
-    """``out = (X - mean) * scale + shift`` per feature (in place when out is X)."""
-    K.apply_cols(X, mean, scale, shift, out)
 
 
 # ---------------------------------------------------------------------------

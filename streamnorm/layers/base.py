@@ -9,6 +9,34 @@ import numpy as np
 from .._validation import as_param
 
 
+def check_num_features(num_features) -> int:
+    """A positive integer channel count, or ValueError."""
+    if int(num_features) != num_features or num_features <= 0:
+        raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
+    return int(num_features)
+
+
+def check_momentum(momentum) -> float | None:
+    """A momentum in [0, 1], or None; ValueError otherwise."""
+    if momentum is not None and not 0.0 <= float(momentum) <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1] or None, got {momentum!r}")
+    return None if momentum is None else float(momentum)
+
+
+def running_buffers(C: int) -> dict[str, np.ndarray]:
+    """PyTorch's initial running statistics for C channels."""
+    return {
+        "running_mean": np.zeros(C),
+        "running_var": np.ones(C),
+        "num_batches_tracked": np.array(0, dtype=np.int64),
+    }
+
+
+def affine_params(C: int) -> dict[str, np.ndarray]:
+    """Per-channel weight (ones) and bias (zeros)."""
+    return {"weight": np.ones(C), "bias": np.zeros(C)}
+
+
 class Layer:
     """Base class: parameters, gradients, buffers and a train/eval mode.
 

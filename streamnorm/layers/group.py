@@ -6,7 +6,7 @@ import numpy as np
 
 from .. import functional as F
 from .._validation import as_float_array, check_positive_float
-from .base import Layer
+from .base import Layer, affine_params, check_momentum, check_num_features, running_buffers
 
 
 def _check_nc(layer: Layer, x, num_channels: int, min_ndim: int) -> np.ndarray:
@@ -47,7 +47,7 @@ class GroupNorm(Layer):
         self.eps = check_positive_float(eps, "eps")
         self.affine = bool(affine)
         if self.affine:
-            self.params = {"weight": np.ones(num_channels), "bias": np.zeros(num_channels)}
+            self.params = affine_params(self.num_channels)
         self.zero_grad()
 
     def forward(self, x):
@@ -97,24 +97,15 @@ class InstanceNorm(Layer):
         track_running_stats: bool = False,
     ):
         super().__init__()
-        if int(num_features) != num_features or num_features <= 0:
-            raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
-        if momentum is not None and not 0.0 <= float(momentum) <= 1.0:
-            raise ValueError(f"momentum must be in [0, 1] or None, got {momentum!r}")
-        self.num_features = int(num_features)
+        self.num_features = check_num_features(num_features)
         self.eps = check_positive_float(eps, "eps")
-        self.momentum = None if momentum is None else float(momentum)
+        self.momentum = check_momentum(momentum)
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
-        C = self.num_features
         if self.affine:
-            self.params = {"weight": np.ones(C), "bias": np.zeros(C)}
+            self.params = affine_params(self.num_features)
         if self.track_running_stats:
-            self.buffers = {
-                "running_mean": np.zeros(C),
-                "running_var": np.ones(C),
-                "num_batches_tracked": np.array(0, dtype=np.int64),
-            }
+            self.buffers = running_buffers(self.num_features)
         self.zero_grad()
 
     def forward(self, x):

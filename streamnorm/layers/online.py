@@ -6,7 +6,7 @@ import numpy as np
 
 from .. import functional as F
 from .._validation import as_float_array, check_positive_float
-from .base import Layer
+from .base import Layer, affine_params, check_num_features
 
 
 class OnlineNorm(Layer):
@@ -52,8 +52,7 @@ class OnlineNorm(Layer):
         ecm: str | None = None,
     ):
         super().__init__()
-        if int(num_features) != num_features or num_features <= 0:
-            raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
+        num_features = check_num_features(num_features)
         for name, a in (("alpha_fwd", alpha_fwd), ("alpha_bkw", alpha_bkw)):
             if not 0.0 <= float(a) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {a!r}")
@@ -66,7 +65,7 @@ class OnlineNorm(Layer):
         self.affine = bool(affine)
         self.ecm = ecm
         if self.affine:
-            self.params = {"weight": np.ones(num_features), "bias": np.zeros(num_features)}
+            self.params = affine_params(num_features)
         self.zero_grad()
         self.reset()
 
