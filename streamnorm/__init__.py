@@ -3,6 +3,8 @@
 Public names only; see the documentation for the guide and the mathematics.
 """
 
+from typing import TYPE_CHECKING
+
 from . import functional
 from .layers import (
     BatchNorm,
@@ -16,10 +18,32 @@ from .layers import (
     OnlineNorm,
     RMSNorm,
 )
-from .scaler import StreamScaler, normalize_stream
 from .stats import RunningStats
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:  # pragma: no cover
+    from . import tta
+    from .scaler import StreamScaler, normalize_stream
+
+# StreamScaler mixes in scikit-learn's estimator base classes when scikit-learn is
+# installed, and importing scikit-learn costs most of a second: load it on first use.
+_LAZY = {"StreamScaler": "scaler", "normalize_stream": "scaler", "tta": None}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        mod = importlib.import_module(f".{_LAZY[name] or name}", __name__)
+        value = mod if _LAZY[name] is None else getattr(mod, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'streamnorm' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
     "BatchNorm",
@@ -36,5 +60,6 @@ __all__ = [
     "StreamScaler",
     "normalize_stream",
     "functional",
+    "tta",
     "__version__",
 ]

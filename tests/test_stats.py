@@ -299,3 +299,13 @@ def test_omit_with_constant_column_and_leading_nans():
         rs.update(chunk)
     np.testing.assert_array_equal(rs.count, [2995, 3000])
     assert np.all(rs.mean == 0.1 * 3) and np.all(rs.var == 0.0)
+
+
+def test_import_does_not_load_scikit_learn():
+    import subprocess
+    import sys
+
+    code = "import sys, streamnorm; print('sklearn' in sys.modules); streamnorm.StreamScaler; print('sklearn' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    pytest.importorskip("sklearn")
+    assert out == ["False", "True"]
