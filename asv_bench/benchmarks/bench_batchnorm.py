@@ -2,79 +2,42 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from streamnorm import BatchNorm
 from streamnorm import functional as F
 
-from .common import DTYPES, fraction_of_bound, normal
+from .common import (
+    DTYPES,
+    Forward,
+    ForwardBackward,
+    ForwardEval,
+    LayerBench,
+    fraction_of_bound,
+    set_affine,
+)
 
 # (N, C) runs the channels-last kernels on an (M, C) view; (N, C, H, W) the (N, C, L)
 # kernels.  Sizes in float32: 16, 8 and 25 MiB (twice that in float64).
 SHAPES = [(65536, 64), (32, 64, 32, 32), (16, 128, 56, 56)]
 
 
-class _BatchNormData:
+class _BatchNormData(LayerBench):
     params = [SHAPES, DTYPES]
-    param_names = ["shape", "dtype"]
+    x_loc, x_scale = 0.5, 2.0
 
-    def make(self, shape, dtype):
-        c = shape[1]
-        self.x = normal(shape, dtype, loc=0.5, scale=2.0, stream=0)
-        self.dy = normal(shape, dtype, stream=1)
-        g = np.random.default_rng(3)
-        self.layer = BatchNorm(c)
-        # Non-trivial affine parameters, so no multiplication by one is timed.
-        self.layer.params["weight"][:] = g.uniform(0.5, 1.5, c)
-        self.layer.params["bias"][:] = g.normal(size=c)
+    def new_layer(self, shape):
+        return set_affine(BatchNorm(shape[1]), seed=3)
 
 
-class BatchNormForwardTrain(_BatchNormData):
+class BatchNormForwardTrain(_BatchNormData, Forward):
     """Batch statistics, normalization and the running-statistics update."""
 
-    def setup(self, shape, dtype):
-        self.make(shape, dtype)
-        self.layer.forward(self.x)
 
-    def time_forward(self, shape, dtype):
-        self.layer.forward(self.x)
-
-    def peakmem_forward(self, shape, dtype):
-        self.layer.forward(self.x)
-
-
-class BatchNormForwardBackwardTrain(_BatchNormData):
+class BatchNormForwardBackwardTrain(_BatchNormData, ForwardBackward):
     """One training step's worth of BatchNorm: forward, then the full backward."""
 
-    def setup(self, shape, dtype):
-        self.make(shape, dtype)
-        self.step()
 
-    def step(self):
-        self.layer.forward(self.x)
-        return self.layer.backward(self.dy)
-
-    def time_forward_backward(self, shape, dtype):
-        self.step()
-
-    def peakmem_forward_backward(self, shape, dtype):
-        self.step()
-
-
-class BatchNormForwardEval(_BatchNormData):
+class BatchNormForwardEval(_BatchNormData, ForwardEval):
     """Normalization with the running statistics: no reduction at all."""
-
-    def setup(self, shape, dtype):
-        self.make(shape, dtype)
-        self.layer.forward(self.x)  # gives the running statistics non-default values
-        self.layer.eval()
-        self.layer.forward(self.x)
-
-    def time_forward(self, shape, dtype):
-        self.layer.forward(self.x)
-
-    def peakmem_forward(self, shape, dtype):
-        self.layer.forward(self.x)
 
 
 class BatchNormBound(_BatchNormData):

@@ -6,12 +6,10 @@ G = C, so it has many short blocks where GroupNorm has few long ones.
 
 from __future__ import annotations
 
-import numpy as np
-
 from streamnorm import GroupNorm, InstanceNorm
 from streamnorm import functional as F
 
-from .common import DTYPES, fraction_of_bound, normal
+from .common import DTYPES, Bound, Forward, ForwardBackward, LayerBench, set_affine
 
 # (N, C, H, W) feature maps.  Sizes in float32: 8, 24.5 and 32 MiB (twice that in
 # float64).
@@ -20,68 +18,30 @@ SHAPES = [(32, 64, 32, 32), (16, 128, 56, 56), (8, 256, 64, 64)]
 GROUPS = 32
 
 
-def _affine(layer, c, seed):
-    """Non-trivial affine parameters, so no multiplication by one is timed."""
-    g = np.random.default_rng(seed)
-    layer.params["weight"][:] = g.uniform(0.5, 1.5, c)
-    layer.params["bias"][:] = g.normal(size=c)
-
-
-class _GroupNormData:
+class _GroupNormData(LayerBench):
     params = [SHAPES, DTYPES]
-    param_names = ["shape", "dtype"]
+    x_loc, x_scale = 0.5, 2.0
 
-    def make(self, shape, dtype):
-        c = shape[1]
-        self.x = normal(shape, dtype, loc=0.5, scale=2.0, stream=0)
-        self.dy = normal(shape, dtype, stream=1)
-        self.layer = GroupNorm(GROUPS, c)
-        _affine(self.layer, c, 11)
+    def new_layer(self, shape):
+        return set_affine(GroupNorm(GROUPS, shape[1]), seed=11)
 
 
-class GroupNormForward(_GroupNormData):
-    def setup(self, shape, dtype):
-        self.make(shape, dtype)
-        self.layer.forward(self.x)
-
-    def time_forward(self, shape, dtype):
-        self.layer.forward(self.x)
-
-    def peakmem_forward(self, shape, dtype):
-        self.layer.forward(self.x)
+class GroupNormForward(_GroupNormData, Forward):
+    pass
 
 
-class GroupNormForwardBackward(_GroupNormData):
-    def setup(self, shape, dtype):
-        self.make(shape, dtype)
-        self.step()
-
-    def step(self):
-        self.layer.forward(self.x)
-        return self.layer.backward(self.dy)
-
-    def time_forward_backward(self, shape, dtype):
-        self.step()
-
-    def peakmem_forward_backward(self, shape, dtype):
-        self.step()
+class GroupNormForwardBackward(_GroupNormData, ForwardBackward):
+    pass
 
 
-class GroupNormBound(_GroupNormData):
+class GroupNormBound(_GroupNormData, Bound):
     """Fraction of the memory-traffic bound (SPEC §7): forward 2 passes, backward 3.
 
     A (sample, group) block of (C/G)·L values stays in cache between its statistics
     and its output, as a LayerNorm row does.
     """
 
-    unit = "fraction of bound"
-
-    def setup(self, shape, dtype):
-        self.make(shape, dtype)
-        self.w = self.layer.params["weight"]
-        self.b = self.layer.params["bias"]
-        _, self.cache = self.forward()
-        self.backward()
+    forward_op, backward_op = "gn_forward", "gn_backward"
 
     def forward(self):
         return F.group_norm_forward(self.x, GROUPS, self.w, self.b)
@@ -89,81 +49,36 @@ class GroupNormBound(_GroupNormData):
     def backward(self):
         return F.group_norm_backward(self.dy, self.cache)
 
-    def track_forward(self, shape, dtype):
-        return fraction_of_bound(self.forward, self.x.nbytes, "gn_forward")
 
-    def track_backward(self, shape, dtype):
-        return fraction_of_bound(self.backward, self.x.nbytes, "gn_backward")
-
-
-class _InstanceNormData:
+class _InstanceNormData(LayerBench):
     params = [SHAPES, DTYPES]
-    param_names = ["shape", "dtype"]
+    x_loc, x_scale = 0.5, 2.0
 
-    def make(self, shape, dtype):
-        c = shape[1]
-        self.x = normal(shape, dtype, loc=0.5, scale=2.0, stream=0)
-        self.dy = normal(shape, dtype, stream=1)
+    def new_layer(self, shape):
         # affine is off by default, as in PyTorch; switched on here so that the
         # per-channel scale is part of what is timed.
-        self.layer = InstanceNorm(c, affine=True)
-        _affine(self.layer, c, 13)
+        return set_affine(InstanceNorm(shape[1], affine=True), seed=13)
 
 
-class InstanceNormForward(_InstanceNormData):
+class InstanceNormForward(_InstanceNormData, Forward):
     """Instance statistics (train mode, no running statistics)."""
 
-    def setup(self, shape, dtype):
-        self.make(shape, dtype)
-        self.layer.forward(self.x)
 
-    def time_forward(self, shape, dtype):
-        self.layer.forward(self.x)
-
-    def peakmem_forward(self, shape, dtype):
-        self.layer.forward(self.x)
+class InstanceNormForwardBackward(_InstanceNormData, ForwardBackward):
+    pass
 
 
-class InstanceNormForwardBackward(_InstanceNormData):
-    def setup(self, shape, dtype):
-        self.make(shape, dtype)
-        self.step()
-
-    def step(self):
-        self.layer.forward(self.x)
-        return self.layer.backward(self.dy)
-
-    def time_forward_backward(self, shape, dtype):
-        self.step()
-
-    def peakmem_forward_backward(self, shape, dtype):
-        self.step()
-
-
-class InstanceNormBound(_InstanceNormData):
+class InstanceNormBound(_InstanceNormData, Bound):
     """Fraction of the memory-traffic bound (SPEC §7): forward 2 passes, backward 3.
 
     One block is one channel of one sample (L values), the shortest blocks the
     GroupNorm kernels see.
     """
 
-    unit = "fraction of bound"
-
-    def setup(self, shape, dtype):
-        self.make(shape, dtype)
-        self.w = self.layer.params["weight"]
-        self.b = self.layer.params["bias"]
-        _, self.cache = self.forward()
-        self.backward()
+    forward_op, backward_op = "gn_forward", "gn_backward"
 
     def forward(self):
         return F.instance_norm_forward(self.x, self.w, self.b)
 
     def backward(self):
         return F.instance_norm_backward(self.dy, self.cache)
-
-    def track_forward(self, shape, dtype):
-        return fraction_of_bound(self.forward, self.x.nbytes, "gn_forward")
-
-    def track_backward(self, shape, dtype):
-        return fraction_of_bound(self.backward, self.x.nbytes, "gn_backward")

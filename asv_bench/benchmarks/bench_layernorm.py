@@ -2,85 +2,47 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from streamnorm import LayerNorm
 from streamnorm import functional as F
 
-from .common import DTYPES, fraction_of_bound, normal
+from .common import DTYPES, Bound, Forward, ForwardBackward, LayerBench, set_affine
 
 # (*B, D): a transformer activation, many short rows, few long rows.
 # Sizes in float32: 24, 16 and 32 MiB (twice that in float64).
 SHAPES = [(16, 512, 768), (65536, 64), (1024, 8192)]
 
 
-class _LayerNormData:
+class _LayerNormData(LayerBench):
     params = [SHAPES, DTYPES]
-    param_names = ["shape", "dtype"]
+    x_loc, x_scale = -1.0, 3.0
 
-    def make(self, shape, dtype):
-        d = shape[-1]
-        self.x = normal(shape, dtype, loc=-1.0, scale=3.0, stream=0)
-        self.dy = normal(shape, dtype, stream=1)
-        g = np.random.default_rng(5)
-        self.layer = LayerNorm(d)
-        self.layer.params["weight"][:] = g.uniform(0.5, 1.5, d)
-        self.layer.params["bias"][:] = g.normal(size=d)
+    def new_layer(self, shape):
+        return set_affine(LayerNorm(shape[-1]), seed=5)
 
 
-class LayerNormForward(_LayerNormData):
-    def setup(self, shape, dtype):
-        self.make(shape, dtype)
-        self.layer.forward(self.x)
-
-    def time_forward(self, shape, dtype):
-        self.layer.forward(self.x)
-
-    def peakmem_forward(self, shape, dtype):
-        self.layer.forward(self.x)
+class LayerNormForward(_LayerNormData, Forward):
+    pass
 
 
-class LayerNormForwardBackward(_LayerNormData):
-    def setup(self, shape, dtype):
-        self.make(shape, dtype)
-        self.step()
-
-    def step(self):
-        self.layer.forward(self.x)
-        return self.layer.backward(self.dy)
-
-    def time_forward_backward(self, shape, dtype):
-        self.step()
-
-    def peakmem_forward_backward(self, shape, dtype):
-        self.step()
+class LayerNormForwardBackward(_LayerNormData, ForwardBackward):
+    pass
 
 
-class LayerNormBound(_LayerNormData):
+class LayerNormBound(_LayerNormData, Bound):
     """Fraction of the memory-traffic bound (SPEC §7): forward 2 passes, backward 3.
 
     A row is small enough to stay in cache between the statistics and the output, which
     is why the forward needs only two passes over memory where BatchNorm needs three.
     """
 
-    unit = "fraction of bound"
+    forward_op, backward_op = "ln_forward", "ln_backward"
 
     def setup(self, shape, dtype):
-        self.make(shape, dtype)
         self.d = shape[-1]
-        self.w = self.layer.params["weight"]
-        self.b = self.layer.params["bias"]
-        _, self.cache = self.forward()
-        self.backward()
+        super().setup(shape, dtype)
 
     def forward(self):
         return F.layer_norm_forward(self.x, self.d, self.w, self.b)
 
     def backward(self):
         return F.layer_norm_backward(self.dy, self.cache)
-
-    def track_forward(self, shape, dtype):
-        return fraction_of_bound(self.forward, self.x.nbytes, "ln_forward")
-
-    def track_backward(self, shape, dtype):
-        return fraction_of_bound(self.backward, self.x.nbytes, "ln_backward")

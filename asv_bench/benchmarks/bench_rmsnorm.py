@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from streamnorm import RMSNorm
 from streamnorm import functional as F
 
-from .common import DTYPES, fraction_of_bound, normal
+from .common import DTYPES, Bound, Forward, ForwardBackward, LayerBench, set_affine
 
 # The shapes of bench_layernorm.py, so the two row-wise layers compare directly:
 # a transformer activation, many short rows, few long rows.
@@ -15,71 +13,37 @@ from .common import DTYPES, fraction_of_bound, normal
 SHAPES = [(16, 512, 768), (65536, 64), (1024, 8192)]
 
 
-class _RMSNormData:
+class _RMSNormData(LayerBench):
     params = [SHAPES, DTYPES]
-    param_names = ["shape", "dtype"]
+    x_loc, x_scale = -1.0, 3.0
 
-    def make(self, shape, dtype):
-        d = shape[-1]
-        self.x = normal(shape, dtype, loc=-1.0, scale=3.0, stream=0)
-        self.dy = normal(shape, dtype, stream=1)
-        g = np.random.default_rng(7)
-        self.layer = RMSNorm(d)
-        self.layer.params["weight"][:] = g.uniform(0.5, 1.5, d)
+    def new_layer(self, shape):
+        return set_affine(RMSNorm(shape[-1]), seed=7)  # weight only: RMSNorm has no bias
 
 
-class RMSNormForward(_RMSNormData):
-    def setup(self, shape, dtype):
-        self.make(shape, dtype)
-        self.layer.forward(self.x)
-
-    def time_forward(self, shape, dtype):
-        self.layer.forward(self.x)
-
-    def peakmem_forward(self, shape, dtype):
-        self.layer.forward(self.x)
+class RMSNormForward(_RMSNormData, Forward):
+    pass
 
 
-class RMSNormForwardBackward(_RMSNormData):
-    def setup(self, shape, dtype):
-        self.make(shape, dtype)
-        self.step()
-
-    def step(self):
-        self.layer.forward(self.x)
-        return self.layer.backward(self.dy)
-
-    def time_forward_backward(self, shape, dtype):
-        self.step()
-
-    def peakmem_forward_backward(self, shape, dtype):
-        self.step()
+class RMSNormForwardBackward(_RMSNormData, ForwardBackward):
+    pass
 
 
-class RMSNormBound(_RMSNormData):
+class RMSNormBound(_RMSNormData, Bound):
     """Fraction of the memory-traffic bound (SPEC §7): forward 2 passes, backward 3.
 
     RMSNorm skips the mean, but its traffic is LayerNorm's: read the row, write the
     output; in the backward read ``dy`` and ``x``, write ``dx``.
     """
 
-    unit = "fraction of bound"
+    forward_op, backward_op = "rms_forward", "rms_backward"
 
     def setup(self, shape, dtype):
-        self.make(shape, dtype)
         self.d = shape[-1]
-        self.w = self.layer.params["weight"]
-        _, self.cache = self.forward()
-        self.backward()
+        super().setup(shape, dtype)
 
     def forward(self):
         return F.rms_norm_forward(self.x, self.d, self.w)
 
     def backward(self):
         return F.rms_norm_backward(self.dy, self.cache)
-
-    def track_forward(self, shape, dtype):
-        return fraction_of_bound(self.forward, self.x.nbytes, "rms_forward")
-
-    def track_backward(self, shape, dtype):
-        return fraction_of_bound(self.backward, self.x.nbytes, "rms_backward")

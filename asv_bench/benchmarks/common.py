@@ -1,7 +1,19 @@
-"""Helpers shared by the benchmark files: seeded data and the memory-traffic bound.
+"""Helpers shared by the benchmark files: seeded data, the memory-traffic bound and
+the benchmark kinds every layer file is made of.
 
-Nothing here is a benchmark (asv collects only names that start with ``time_``,
-``peakmem_``, ``track_`` and the like).
+Nothing here is a benchmark: asv collects only names that start with ``time_``,
+``peakmem_``, ``track_`` and the like, and it passes over the abstract classes below
+(their measured methods run in the layer files' subclasses).
+
+The layer benchmarks
+--------------------
+A layer's file describes its layer once, in a subclass of :class:`LayerBench`: its
+``params`` (shapes and :data:`DTYPES`), the input's distribution and
+:meth:`LayerBench.new_layer`.  Each benchmark class combines that description with a
+kind: :class:`Forward`, :class:`ForwardEval`, :class:`ForwardBackward` or
+:class:`Bound`, which hold ``setup`` and the measured methods.  Every ``setup`` builds
+the data and calls what it measures once, so the kernels are compiled (or loaded
+from numba's cache) and warm before anything is timed, even with ``--quick``.
 
 The bound (SPEC §7)
 -------------------
@@ -26,9 +38,11 @@ reason, but a large cache can still hold the smaller ones.
 
 from __future__ import annotations
 
+import abc
 import time
 
 import numpy as np
+
 
 SEED = 20240601
 
@@ -109,3 +123,124 @@ def fraction_of_bound(func, data_bytes: int, operation: str, repeats: int = 5) -
     """
     bound = PASSES[operation] * data_bytes / copy_bandwidth()
     return bound / median_time(func, repeats)
+
+
+def set_affine(layer, seed: int):
+    """Non-trivial affine parameters, so no multiplication by one is timed.
+
+    ``weight`` uniform in [0.5, 1.5), then ``bias`` (where the layer has one) standard
+    normal, both from ``np.random.default_rng(seed)``.  Returns ``layer``.
+    """
+    g = np.random.default_rng(seed)
+    weight = layer.params["weight"]
+    weight[:] = g.uniform(0.5, 1.5, weight.shape)
+    if "bias" in layer.params:
+        bias = layer.params["bias"]
+        bias[:] = g.normal(size=bias.shape)
+    return layer
+
+
+class LayerBench(abc.ABC):
+    """Seeded data and a layer for one ``(shape, dtype)`` case.
+
+    A subclass describes a layer: ``params`` (its shapes and :data:`DTYPES`), ``x_loc``
+    and ``x_scale`` (the normal distribution of the input) and :meth:`new_layer`.
+    """
+
+    param_names = ["shape", "dtype"]
+    x_loc: float
+    x_scale: float
+
+    @abc.abstractmethod
+    def new_layer(self, shape):
+        """The layer for input of ``shape``, with :func:`set_affine` parameters."""
+
+    def make(self, shape, dtype):
+        """The input ``x`` (stream 0), the upstream gradient ``dy`` (stream 1, standard
+        normal) and ``layer``."""
+        self.x = normal(shape, dtype, loc=self.x_loc, scale=self.x_scale, stream=0)
+        self.dy = normal(shape, dtype, stream=1)
+        self.layer = self.new_layer(shape)
+
+    def step(self):
+        """One training step's worth of the layer: forward, then the full backward."""
+        self.layer.forward(self.x)
+        return self.layer.backward(self.dy)
+
+
+class Forward(LayerBench):
+    """``layer.forward(x)`` in train mode: time and peak memory."""
+
+    def setup(self, shape, dtype):
+        self.make(shape, dtype)
+        self.layer.forward(self.x)
+
+    def time_forward(self, shape, dtype):
+        self.layer.forward(self.x)
+
+    def peakmem_forward(self, shape, dtype):
+        self.layer.forward(self.x)
+
+
+class ForwardEval(Forward):
+    """``layer.forward(x)`` in eval mode: time and peak memory.
+
+    One train-mode forward first gives the running (OnlineNorm: carried) statistics
+    non-default values.
+    """
+
+    def setup(self, shape, dtype):
+        self.make(shape, dtype)
+        self.layer.forward(self.x)
+        self.layer.eval()
+        self.layer.forward(self.x)
+
+
+class ForwardBackward(LayerBench):
+    """:meth:`LayerBench.step`, forward then backward in train mode: time and peak
+    memory."""
+
+    def setup(self, shape, dtype):
+        self.make(shape, dtype)
+        self.step()
+
+    def time_forward_backward(self, shape, dtype):
+        self.step()
+
+    def peakmem_forward_backward(self, shape, dtype):
+        self.step()
+
+
+class Bound(LayerBench):
+    """Fraction of the memory-traffic bound of a forward and its backward (SPEC §7).
+
+    Timed through :mod:`streamnorm.functional`, so that only the kernels and their
+    checks are measured: a subclass defines :meth:`forward` and :meth:`backward` with
+    the layer's ``w`` and ``b`` (``None`` where it has no bias) and names their rows
+    of :data:`PASSES` in ``forward_op`` and ``backward_op``.
+    """
+
+    unit = "fraction of bound"
+    forward_op: str
+    backward_op: str
+
+    def setup(self, shape, dtype):
+        self.make(shape, dtype)
+        self.w = self.layer.params["weight"]
+        self.b = self.layer.params.get("bias")
+        self.cache = self.forward()[-1]
+        self.backward()
+
+    @abc.abstractmethod
+    def forward(self):
+        """The functional forward; its result ends with the cache."""
+
+    @abc.abstractmethod
+    def backward(self):
+        """The functional backward from ``self.cache``."""
+
+    def track_forward(self, shape, dtype):
+        return fraction_of_bound(self.forward, self.x.nbytes, self.forward_op)
+
+    def track_backward(self, shape, dtype):
+        return fraction_of_bound(self.backward, self.x.nbytes, self.backward_op)
