@@ -210,7 +210,7 @@ class StreamScaler(*_BASES):  # type: ignore[misc]
                 raise ValueError("sample_weight is all zeros: at least one sample must have a non-zero weight")
         stats = RunningStats(decay=self._decay_value(), nan_policy=self.nan_policy) if first else self._stats.copy()
         stats.update(Xa, axis=0, weights=sample_weight)  # raises before anything is committed
-        _raise_on_inf(Xa, np.concatenate([stats.mean, stats.var]) if self.nan_policy == "omit" else None)
+        _raise_on_inf(Xa, stats._mean + stats._m2 if self.nan_policy == "omit" else None)
         self._stats = stats
         if first:
             self.n_features_in_ = Xa.shape[1]
@@ -245,16 +245,21 @@ class StreamScaler(*_BASES):  # type: ignore[misc]
                 delattr(self, attr)
 
     def _refresh(self) -> None:
+        """Set the fitted attributes from the state (cheap: it runs after every chunk)."""
         st = self._stats
-        count = st.count
-        mean = st.mean
-        var = st.var
-        self.n_samples_seen_ = int(count[0]) if count.size and np.all(count == count[0]) and float(count[0]).is_integer() else count
-        self.mean_ = mean if self.with_mean or self.with_std else None
+        n = st._n
+        with np.errstate(invalid="ignore", divide="ignore"):
+            var = st._m2 / n  # 0/0 gives NaN for a feature that has seen no value
+        mean = st._mean
+        if (n == 0).any():
+            mean = np.where(n == 0, np.nan, mean)
+        n0 = n[0] if n.size else 0.0
+        uniform = n.size and n.min() == n.max() and float(n0).is_integer()
+        self.n_samples_seen_ = int(n0) if uniform else n.copy()
+        self.mean_ = mean.copy() if self.with_mean or self.with_std else None
         self.var_ = var if self.with_std else None
         if self.with_std:
-            std = np.sqrt(np.where(np.isnan(var), 0.0, var))
-            self.scale_ = np.maximum(std, float(self.min_scale))
+            self.scale_ = np.maximum(np.sqrt(np.where(np.isnan(var), 0.0, var)), float(self.min_scale))
         else:
             self.scale_ = None
         if not self.with_mean and not self.with_std:
