@@ -1,7 +1,7 @@
 """``python -m streamnorm bench``: each kernel next to its peers, in one process.
 
 For every operation the report gives the median time over repeats (after a warm-up
-call, so numba compilation is excluded), the effective bandwidth under SPEC §7's
+call, so numba compilation is excluded), the effective bandwidth under docs/math.rst's
 pass-count model, the fraction of the memory-traffic bound, and the speed-up over each
 installed peer (PyTorch CPU, scikit-learn) measured in the same run on the same data.
 
@@ -140,7 +140,7 @@ def _layer_cases(label, layer, make_torch, x, dy, dname, torch, *, eval_too=Fals
 def build_cases(size_mib: int, dtype=np.float32, seed: int = 0) -> list[Case]:
     """The operations of the report, each on an input of about ``size_mib`` MiB.
 
-    Pass counts (SPEC §7): BatchNorm train forward 3, eval forward 2, train
+    Pass counts (docs/math.rst): BatchNorm train forward 3, eval forward 2, train
     forward+backward 3 + 5; LayerNorm, RMSNorm and GroupNorm forward 2 and
     forward+backward 2 + 3; moments update 1; OnlineNorm forward+backward 2 + 3.
     """

@@ -610,7 +610,7 @@ def groupnorm_bwd(dy, x, weight, G, mean, rstd, dx, nthreads):
 
 
 # ---------------------------------------------------------------------------
-# Online Normalization (SPEC §5): x (N, C, L), N is time.  Parallel over channels,
+# Online Normalization (docs/layers/onlinenorm.rst): x (N, C, L), N is time.  Parallel over channels,
 # in order over samples.  The state arrays are updated in place: callers pass copies
 # and commit them only when the call has succeeded.
 # ---------------------------------------------------------------------------

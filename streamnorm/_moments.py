@@ -1,4 +1,4 @@
-"""Kernel dispatch for moment computations (SPEC section 2).  Private.
+"""Kernel dispatch for moment computations (docs/math.rst).  Private.
 
 Picks the kernel for a canonical view and the block sizes that keep a block in cache.
 """

@@ -1,4 +1,4 @@
-"""Scalar Welford and Chan helpers (SPEC section 2).
+"""Scalar Welford and Chan helpers (docs/math.rst).
 
 These are plain Python functions on scalars.  The CPU backend compiles them with
 ``numba.njit(inline='always')``; a CUDA backend can compile the very same source with

@@ -1,4 +1,4 @@
-"""Test-time adaptation by entropy minimization (TENT, Wang et al. 2021; SPEC §6).
+"""Test-time adaptation by entropy minimization (TENT, Wang et al. 2021; docs/streams.rst).
 
 The statistics side of adaptation lives on the layers (:meth:`BatchNorm.adapt`).  This
 module adds the objective and the optimizer that update only the affine parameters of

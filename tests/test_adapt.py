@@ -1,4 +1,4 @@
-"""Test-time adaptation of BatchNorm (SPEC §6) and its exact backward."""
+"""Test-time adaptation of BatchNorm (docs/streams.rst) and its exact backward."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""OnlineNorm against a plain NumPy loop written from SPEC §5, over consecutive calls."""
+"""OnlineNorm against a plain NumPy loop written from docs/layers/onlinenorm.rst, over consecutive calls."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from streamnorm import functional as F
 
 
 class OnlineRef:
-    """SPEC §5 as a loop over samples, channels and values."""
+    """docs/layers/onlinenorm.rst as a loop over samples, channels and values."""
 
     def __init__(self, C, af, ab, eps, w, b, ecm=None):
         self.mu, self.var = np.zeros(C), np.ones(C)

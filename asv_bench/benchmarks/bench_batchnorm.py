@@ -1,4 +1,4 @@
-"""BatchNorm: train forward, train forward + backward, eval forward (SPEC §3)."""
+"""BatchNorm: train forward, train forward + backward, eval forward (docs/math.rst)."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ class BatchNormForwardEval(_BatchNormData, ForwardEval):
 
 
 class BatchNormBound(_BatchNormData):
-    """Fraction of the memory-traffic bound of each kernel (SPEC §7).
+    """Fraction of the memory-traffic bound of each kernel (docs/math.rst).
 
     Timed through :mod:`streamnorm.functional`, so that only the kernels and their
     shape checks are measured.  Passes over the data: train forward 3, eval forward 2,

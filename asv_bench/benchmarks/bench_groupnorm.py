@@ -1,4 +1,4 @@
-"""GroupNorm and InstanceNorm: forward, forward + backward (SPEC §4).
+"""GroupNorm and InstanceNorm: forward, forward + backward (docs/layers).
 
 Both run the same kernels on the (N·G, (C/G)·L) view; InstanceNorm is GroupNorm with
 G = C, so it has many short blocks where GroupNorm has few long ones.
@@ -35,7 +35,7 @@ class GroupNormForwardBackward(_GroupNormData, ForwardBackward):
 
 
 class GroupNormBound(_GroupNormData, Bound):
-    """Fraction of the memory-traffic bound (SPEC §7): forward 2 passes, backward 3.
+    """Fraction of the memory-traffic bound (docs/math.rst): forward 2 passes, backward 3.
 
     A (sample, group) block of (C/G)·L values stays in cache between its statistics
     and its output, as a LayerNorm row does.
@@ -69,7 +69,7 @@ class InstanceNormForwardBackward(_InstanceNormData, ForwardBackward):
 
 
 class InstanceNormBound(_InstanceNormData, Bound):
-    """Fraction of the memory-traffic bound (SPEC §7): forward 2 passes, backward 3.
+    """Fraction of the memory-traffic bound (docs/math.rst): forward 2 passes, backward 3.
 
     One block is one channel of one sample (L values), the shortest blocks the
     GroupNorm kernels see.

@@ -1,4 +1,4 @@
-"""LayerNorm over the last axis: forward, forward + backward (SPEC §4)."""
+"""LayerNorm over the last axis: forward, forward + backward (docs/layers)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ class LayerNormForwardBackward(_LayerNormData, ForwardBackward):
 
 
 class LayerNormBound(_LayerNormData, Bound):
-    """Fraction of the memory-traffic bound (SPEC §7): forward 2 passes, backward 3.
+    """Fraction of the memory-traffic bound (docs/math.rst): forward 2 passes, backward 3.
 
     A row is small enough to stay in cache between the statistics and the output, which
     is why the forward needs only two passes over memory where BatchNorm needs three.

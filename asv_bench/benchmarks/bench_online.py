@@ -1,4 +1,4 @@
-"""OnlineNorm: train forward, train forward + backward, eval forward (SPEC §5).
+"""OnlineNorm: train forward, train forward + backward, eval forward (docs/layers/onlinenorm.rst).
 
 The batch axis is time: the kernels walk the samples in order and go parallel over
 channels.  (N, C) input runs the channel-vectorized kernels (L = 1), (N, C, L) input
@@ -55,7 +55,7 @@ class OnlineNormForwardEval(_OnlineNormData, ForwardEval):
 class OnlineNormThroughput(_OnlineNormData):
     """Training steps (forward + backward) as channel-samples per second.
 
-    One channel-sample is one step of the per-channel recurrences of SPEC §5: one
+    One channel-sample is one step of the per-channel recurrences of docs/layers/onlinenorm.rst: one
     sample of one channel, that is one value for (N, C) input and L values at once for
     (N, C, L) input.  A step of forward and backward processes N·C of them.  Higher is
     better.
@@ -73,7 +73,7 @@ class OnlineNormThroughput(_OnlineNormData):
 
 
 class OnlineNormBound(_OnlineNormData, Bound):
-    """Fraction of the memory-traffic bound (SPEC §7): forward 2 passes, backward 3.
+    """Fraction of the memory-traffic bound (docs/math.rst): forward 2 passes, backward 3.
 
     Timed through :mod:`streamnorm.functional` from a fixed state, so that only the
     kernels and their checks are measured.  The forward reads ``x`` and writes ``y``;

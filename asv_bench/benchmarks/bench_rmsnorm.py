@@ -1,4 +1,4 @@
-"""RMSNorm over the last axis: forward, forward + backward (SPEC §4)."""
+"""RMSNorm over the last axis: forward, forward + backward (docs/layers)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ class RMSNormForwardBackward(_RMSNormData, ForwardBackward):
 
 
 class RMSNormBound(_RMSNormData, Bound):
-    """Fraction of the memory-traffic bound (SPEC §7): forward 2 passes, backward 3.
+    """Fraction of the memory-traffic bound (docs/math.rst): forward 2 passes, backward 3.
 
     RMSNorm skips the mean, but its traffic is LayerNorm's: read the row, write the
     output; in the backward read ``dy`` and ``x``, write ``dx``.

@@ -45,7 +45,7 @@ class RunningStatsUpdate(_Stream):
 
 
 class RunningStatsUpdateDecay(_Stream):
-    """The same stream with exponential forgetting (SPEC §2)."""
+    """The same stream with exponential forgetting (docs/math.rst)."""
 
     def feed(self):
         rs = RunningStats(decay=0.1)
@@ -74,7 +74,7 @@ class RunningStatsMerge:
 
 
 class RunningStatsBound(_Stream):
-    """Fraction of the memory-traffic bound: one read of the stream (SPEC §7).
+    """Fraction of the memory-traffic bound: one read of the stream (docs/math.rst).
 
     The small stream is left out: it fits in cache, where memory is not the limit.
     """

@@ -15,7 +15,7 @@ kind: :class:`Forward`, :class:`ForwardEval`, :class:`ForwardBackward` or
 the data and calls what it measures once, so the kernels are compiled (or loaded
 from numba's cache) and warm before anything is timed, even with ``--quick``.
 
-The bound (SPEC §7)
+The bound (docs/math.rst)
 -------------------
 Normalization is memory bound, so each kernel is reported against the time it would
 take to move its bytes at the machine's copy bandwidth::
@@ -24,7 +24,7 @@ take to move its bytes at the machine's copy bandwidth::
 
 where ``data_bytes`` is the size of the N×C data in the input's dtype, ``passes`` is
 the number of reads or writes of that data the operation cannot avoid (the table in
-SPEC §7, repeated in :data:`PASSES`), and ``B`` is the copy bandwidth measured in this
+docs/math.rst, repeated in :data:`PASSES`), and ``B`` is the copy bandwidth measured in this
 very process with ``np.copyto`` of a 256 MiB array (read bytes + write bytes over the
 time).  The tracked value is ``bound_time / kernel_time``: 1.0 means the kernel moves
 its data as fast as a plain copy does; higher is better.
@@ -48,7 +48,7 @@ SEED = 20240601
 
 DTYPES = ["float32", "float64"]
 
-# Passes over the N×C data per operation, unfused (SPEC §7).
+# Passes over the N×C data per operation, unfused (docs/math.rst).
 PASSES = {
     "moments_update": 1,
     "bn_forward_train": 3,
@@ -68,7 +68,7 @@ PASSES = {
     "online_backward": 3,
 }
 
-# At least 256 MB, as SPEC §7 asks: far larger than any cache.
+# At least 256 MB, as docs/math.rst asks: far larger than any cache.
 _COPY_BYTES = 256 * 1024 * 1024
 _COPY_REPEATS = 7
 
@@ -212,7 +212,7 @@ class ForwardBackward(LayerBench):
 
 
 class Bound(LayerBench):
-    """Fraction of the memory-traffic bound of a forward and its backward (SPEC §7).
+    """Fraction of the memory-traffic bound of a forward and its backward (docs/math.rst).
 
     Timed through :mod:`streamnorm.functional`, so that only the kernels and their
     checks are measured: a subclass defines :meth:`forward` and :meth:`backward` with

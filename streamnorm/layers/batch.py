@@ -10,7 +10,7 @@ from .base import Layer, affine_params, check_momentum, check_num_features, runn
 
 
 class BatchNorm(Layer):
-    """Batch normalization (SPEC §3) with PyTorch's module semantics.
+    """Batch normalization (docs/math.rst) with PyTorch's module semantics.
 
     Parameters
     ----------
@@ -141,7 +141,7 @@ class BatchNorm(Layer):
         omega: float = 0.94,
         m_min: float = 0.005,
     ) -> "BatchNorm":
-        """Adapt the statistics of an eval-mode layer to the batches it sees (SPEC §6).
+        """Adapt the statistics of an eval-mode layer to the batches it sees (docs/streams.rst).
 
         The source statistics are the running statistics when adaptation starts; they
         are kept, and :meth:`reset_adaptation` restores them exactly.
@@ -246,7 +246,7 @@ class BatchNorm(Layer):
         """Gradient of the loss with respect to the input; fills ``grads`` (overwriting).
 
         The mode is the one of the last forward: train-mode batch statistics give the
-        full backward of SPEC §3, running statistics give ``dx = γ·r·dy``.
+        full backward of docs/math.rst, running statistics give ``dx = γ·r·dy``.
         """
         cache = self._require_cache()
         dx, dw, db = F.batch_norm_backward(dy, cache)

@@ -10,7 +10,7 @@ from .base import Layer
 
 
 class LayerNorm(Layer):
-    """Layer normalization over the trailing ``normalized_shape`` dimensions (SPEC §4).
+    """Layer normalization over the trailing ``normalized_shape`` dimensions (docs/layers).
 
     Parameters
     ----------
@@ -61,7 +61,7 @@ class LayerNorm(Layer):
 
 
 class RMSNorm(Layer):
-    """RMS normalization over the trailing ``normalized_shape`` dimensions (SPEC §4).
+    """RMS normalization over the trailing ``normalized_shape`` dimensions (docs/layers).
 
     ``y = γ ⊙ x / sqrt(mean(x²) + eps)``: no centering, no bias.
 

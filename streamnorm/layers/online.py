@@ -16,7 +16,7 @@ class OnlineNorm(Layer):
     ``mu``, ``var`` carried from the samples before it (exponential decay
     ``alpha_fwd``); the backward carries control variables ``u``, ``v`` (decay
     ``alpha_bkw``) that remove the gradient components the normalization would remove
-    with exact batch statistics (SPEC §5).  A batch of one sample is fine.
+    with exact batch statistics (docs/layers/onlinenorm.rst).  A batch of one sample is fine.
 
     Parameters
     ----------
