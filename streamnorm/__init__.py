@@ -5,7 +5,7 @@ Public names only; see the documentation for the guide and the mathematics.
 
 from typing import TYPE_CHECKING
 
-from . import functional
+from . import comm, functional
 from .layers import (
     BatchNorm,
     BatchNorm1d,
@@ -17,18 +17,19 @@ from .layers import (
     LayerNorm,
     OnlineNorm,
     RMSNorm,
+    SyncBatchNorm,
 )
 from .stats import RunningStats
 
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import tta
+    from . import dask, tta
     from .scaler import StreamScaler, normalize_stream
 
 # StreamScaler mixes in scikit-learn's estimator base classes when scikit-learn is
 # installed, and importing scikit-learn costs most of a second: load it on first use.
-_LAZY = {"StreamScaler": "scaler", "normalize_stream": "scaler", "tta": None}
+_LAZY = {"StreamScaler": "scaler", "normalize_stream": "scaler", "tta": None, "dask": None}
 
 
 def __getattr__(name: str):
@@ -58,7 +59,10 @@ __all__ = [
     "RMSNorm",
     "RunningStats",
     "StreamScaler",
+    "SyncBatchNorm",
     "normalize_stream",
+    "comm",
+    "dask",
     "functional",
     "tta",
     "__version__",

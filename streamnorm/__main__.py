@@ -7,7 +7,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    usage = "usage: python -m streamnorm {demo,bench} [options]   (python -m streamnorm demo --help)"
+    usage = "usage: python -m streamnorm {demo,bench,bench-dask} [options]   (python -m streamnorm demo --help)"
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return 0 if argv else 2
@@ -16,6 +16,10 @@ def main(argv: list[str] | None = None) -> int:
         from ._demo import main as demo
 
         return demo(rest)
+    if cmd == "bench-dask":
+        from ._bench_dask import main as bench_dask
+
+        return bench_dask(rest)
     if cmd == "bench":
         from ._bench import main as bench
 

@@ -1,9 +1,11 @@
-"""Stateless forward/backward pairs: shape checks, canonical views (SPEC §1), dispatch.
+"""Stateless forward/backward pairs: shape checks, canonical views (docs/layers/index.rst), dispatch.
 
 Every forward returns ``(y, cache)`` and every backward takes ``(dy, cache)`` and
 returns ``(dx, dweight, dbias)``.  The cache keeps a reference to the input and a few
 per-channel or per-row float64 vectors, never an array of the input's size.  None of
-these functions touches a layer object: a NumPy user can train with them alone.
+these functions touches a layer object: a NumPy user can train with them alone.  The
+``sync_batch_norm`` pair also takes a communicator (:mod:`streamnorm.comm`) and makes one
+collective call each, forward and backward.
 
 Dtypes: inputs may be float32 or float64 (integers are cast to float64); outputs have
 the input's dtype; statistics and parameter gradients are float64.
@@ -18,15 +20,19 @@ import numpy as np
 from . import _kernels_cpu as K
 from . import _moments
 from ._validation import as_float_array, canonical_view, check_positive_float
+from .comm import allgather_checked, as_communicator
 
 __all__ = [
     "BatchNormCache",
     "GroupNormCache",
     "OnlineNormCache",
     "RowNormCache",
+    "SyncBatchNormCache",
     "batch_moments",
     "batch_norm_forward",
     "batch_norm_backward",
+    "sync_batch_norm_forward",
+    "sync_batch_norm_backward",
     "group_norm_forward",
     "group_norm_backward",
     "instance_norm_forward",
@@ -137,7 +143,7 @@ def batch_norm_forward(
     prior_weight: float = 0.0,
     unbiased: bool = False,
 ):
-    """Batch normalization forward (SPEC §3, and the blends of SPEC §6).
+    """Batch normalization forward (docs/math.rst, and the blends of docs/streams.rst).
 
     Parameters
     ----------
@@ -212,7 +218,7 @@ def batch_norm_forward(
 
 
 def batch_norm_backward(dy, cache: BatchNormCache):
-    """Batch normalization backward (SPEC §3), exact and analytic.
+    """Batch normalization backward (docs/math.rst), exact and analytic.
 
     Train mode (batch statistics), per channel over its m values:
     ``dx = (γ r / m)·(m·dy − Σdy − x̂·Σ(dy·x̂))``; eval mode ``dx = γ r dy``.
@@ -265,6 +271,183 @@ def batch_norm_backward(dy, cache: BatchNormCache):
         k3 = -k1 * q * s1 / m
         (K.bn_bwd_dx_cols if cache.cols else K.bn_bwd_dx_ncl)(dy3, x3, center, k1, k2, k3, dx)
     return dx.reshape(out_shape), dweight, dbias
+
+
+# ---------------------------------------------------------------------------
+# Synchronized BatchNorm: one BatchNorm over the union of the ranks' batches
+# ---------------------------------------------------------------------------
+
+
+class SyncBatchNormCache(NamedTuple):
+    """What :func:`sync_batch_norm_backward` needs from the forward.
+
+    ``local`` is the cache of this rank's batch, normalized with the global statistics:
+    its ``mean``, ``var`` (biased) and ``rstd`` are the (C,) float64 statistics of the
+    union of every rank's batch, its ``count`` the values per channel on this rank.
+    ``count`` is m, the values per channel over all ranks, and ``counts`` each rank's
+    share, in rank order.
+    """
+
+    local: BatchNormCache
+    count: int
+    counts: tuple[int, ...]
+
+
+def sync_batch_norm_forward(x, weight=None, bias=None, comm=None, *, eps: float = 1e-5, axis: int = 1):
+    """Batch normalization forward with statistics over every rank's batch (docs/math.rst).
+
+    Each rank reduces its batch to per-channel moments ``(n, μ, M2)``, the ranks
+    allgather them, and every rank merges the list with Chan's formula in rank order,
+    so every rank holds the same global ``(m, μ, M2)``, bit for bit.  Each rank then
+    normalizes its own batch with ``μ`` and the biased ``σ² = M2/m``: the result is
+    one train-mode BatchNorm over the concatenation of the ranks' batches, in rank
+    order.  A rank with an empty batch (N = 0) contributes nothing and still takes
+    part.  One collective call; it sends 2C + 1 numbers per rank.
+
+    Parameters
+    ----------
+    x : array_like, shape (N, C, *S) or, with ``axis=-1``, (N, *S, C)
+        This rank's batch, float32 or float64 (integers are cast to float64).  N may
+        differ between ranks and may be 0.
+    weight, bias : array_like of shape (C,), optional
+        γ and β (γ = 1, β = 0 when None); the same on every rank.
+    comm : Communicator, optional
+        See :mod:`streamnorm.comm`; None is a single process.  Every rank must call
+        with the same C.
+    eps : float
+        Added to the variance under the square root.
+    axis : int
+        The channel axis (1 by default; -1 for channels-last).
+
+    Returns
+    -------
+    y : ndarray, the shape and dtype of ``x``
+    cache : SyncBatchNormCache
+        ``cache.local.mean`` and ``cache.local.var`` are the global mean and biased
+        variance, (C,) float64; ``cache.count`` the global number of values per channel.
+
+    Raises
+    ------
+    ValueError
+        When the global count m is 0 or 1 (the variance is undefined), or the ranks
+        disagree on C: on every rank alike.
+    RuntimeError
+        On every other rank, when one rank's input is invalid (that rank raises its own
+        error): no rank is left waiting in a later collective.
+    """
+    comm = as_communicator(comm)
+    try:
+        x = as_float_array(x)
+        eps = check_positive_float(eps, "eps")
+        x3, cols, C = _bn_view(x, axis)
+        w = _vec(weight, C, "weight")
+        b = _vec(bias, C, "bias")
+        state = _bn_state(x3, cols, C)
+        error = None
+    except Exception as exc:  # noqa: BLE001 - reported to every rank, then re-raised
+        state, error = None, exc
+    states = allgather_checked(comm, state, error, what="SyncBatchNorm forward")
+    shapes = [s[1].shape for s in states]
+    if any(shp != (C,) for shp in shapes):
+        raise ValueError(f"SyncBatchNorm: the ranks disagree on the number of channels: {[s[0] for s in shapes]}")
+    counts = tuple(int(s[0]) for s in states)
+    m = sum(counts)
+    if m <= 1:
+        raise ValueError(
+            f"SyncBatchNorm with batch statistics needs more than 1 value per channel over all ranks, "
+            f"got {m} (values per channel on ranks 0..{len(counts) - 1}: {list(counts)}): the variance "
+            f"is undefined"
+        )
+    # Chan's merge in rank order: the same sequence of operations, hence the same bits,
+    # on every rank; a rank with n = 0 leaves the state exactly as it was
+    n, mu, m2 = np.zeros(C), np.zeros(C), np.zeros(C)
+    for cnt, smu, sm2 in states:
+        if cnt:
+            n, mu, m2 = K.merge_states(n, mu, m2, np.full(C, float(cnt)), smu, sm2)
+    var = m2 / float(m)
+    rstd = 1.0 / np.sqrt(var + eps)
+    scale = rstd if w is None else w * rstd
+    shift = np.zeros(C) if b is None else b
+    y = np.empty(x3.shape, dtype=x.dtype)
+    if y.size:
+        (K.apply_cols if cols else K.apply_ncl)(x3, mu, scale, shift, y)
+    local = BatchNormCache(x3, cols, mu, var, rstd, w, counts[comm.rank], False, x.shape)
+    return y.reshape(x.shape), SyncBatchNormCache(local, m, counts)
+
+
+def _bn_state(x3: np.ndarray, cols: bool, C: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """(count, mean, M2) per channel of a BatchNorm canonical view; zeros when empty."""
+    count = x3.size // C if C else 0
+    if count == 0:
+        return 0, np.zeros(C), np.zeros(C)
+    if cols:
+        _, mu, m2 = _moments.col_moments(x3.reshape(1, *x3.shape))
+    else:
+        _, mu, m2 = _moments.ncl_moments(x3)
+    return count, mu, m2
+
+
+def sync_batch_norm_backward(dy, cache: SyncBatchNormCache, comm=None):
+    """Backward of :func:`sync_batch_norm_forward`, exact and analytic.
+
+    Each rank forms ``Σdy`` and ``Σdy·(x − μ)`` per channel over its batch; the ranks
+    allgather them and every rank adds them up in rank order (the same bits on every
+    rank).  With m and the sums global, and r = 1/sqrt(σ² + eps),
+    ``dx = γr·dy − γr·Σdy/m − γr³(x − μ)·Σdy(x − μ)/m``,
+    ``dγ = r·Σdy(x − μ)`` and ``dβ = Σdy``.  ``dx`` is this rank's slice of the input
+    gradient of the global BatchNorm; ``dγ`` and ``dβ`` are the gradients over the
+    whole global batch, on every rank, as if they had been allreduced.  One collective
+    call; it sends 2C numbers per rank.
+
+    Parameters
+    ----------
+    dy : array_like, the shape of this rank's forward input
+    cache : SyncBatchNormCache, from :func:`sync_batch_norm_forward`
+    comm : Communicator, optional
+        The communicator of the forward.
+
+    Returns
+    -------
+    dx : ndarray, the shape of the input, dtype ``result_type(x, dy)``
+    dweight, dbias : ndarray of float64, shape (C,)
+        The global sums, identical on every rank.
+    """
+    comm = as_communicator(comm)
+    loc = cache.local
+    x3 = loc.x3
+    C = loc.mean.shape[0]
+    g = np.ones(C) if loc.weight is None else loc.weight
+    r = loc.rstd
+    k1 = g * r
+    try:
+        dy = as_float_array(dy, "dy")
+        if dy.shape != loc.shape:
+            raise ValueError(f"dy has shape {dy.shape}, but the forward input had shape {loc.shape}")
+        dy3 = canonical_view(dy, x3.shape)
+        if not loc.cols:
+            dy3 = np.ascontiguousarray(dy3)
+        dx = np.empty(x3.shape, dtype=_out_dtype(x3, dy3))
+        if dx.size:
+            sums = K.bn_bwd_sums_cols if loc.cols else K.bn_bwd_sums_ncl
+            part = sums(dy3, x3, loc.mean, k1, dx, False, _moments.nthreads())
+        else:
+            part = (np.zeros(C), np.zeros(C))
+        error = None
+    except Exception as exc:  # noqa: BLE001 - reported to every rank, then re-raised
+        part, error = None, exc
+    parts = allgather_checked(comm, part, error, what="SyncBatchNorm backward")
+    s1, s2 = np.zeros(C), np.zeros(C)
+    for p1, p2 in parts:
+        s1 = s1 + p1
+        s2 = s2 + p2
+    dbias = s1
+    dweight = r * s2
+    if dx.size:
+        m = float(cache.count)
+        k2 = -g * r * r * dweight / m
+        k3 = -k1 * s1 / m
+        (K.bn_bwd_dx_cols if loc.cols else K.bn_bwd_dx_ncl)(dy3, x3, loc.mean, k1, k2, k3, dx)
+    return dx.reshape(dy.shape), dweight, dbias
 
 
 # ---------------------------------------------------------------------------
@@ -337,7 +520,7 @@ def _rownorm_backward(dy, cache: RowNormCache):
 
 
 def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps: float = 1e-5):
-    """Layer normalization forward (SPEC §4).
+    """Layer normalization forward (docs/layers).
 
     Parameters
     ----------
@@ -359,7 +542,7 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps: float =
 
 
 def layer_norm_backward(dy, cache: RowNormCache):
-    """Layer normalization backward (SPEC §4).
+    """Layer normalization backward (docs/layers).
 
     With ``g = dy·γ``: ``dx = (r/D)·(D·g − Σg − x̂·Σ(g·x̂))``, ``dγ = Σ_rows dy·x̂``,
     ``dβ = Σ_rows dy``.
@@ -374,7 +557,7 @@ def layer_norm_backward(dy, cache: RowNormCache):
 
 
 def rms_norm_forward(x, normalized_shape, weight=None, eps: float | None = None):
-    """RMS normalization forward (SPEC §4): ``y = γ·x / sqrt(mean(x²) + eps)``.
+    """RMS normalization forward (docs/layers): ``y = γ·x / sqrt(mean(x²) + eps)``.
 
     Parameters
     ----------
@@ -425,7 +608,7 @@ class GroupNormCache(NamedTuple):
 
 
 def group_norm_forward(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5):
-    """Group normalization forward (SPEC §4): LayerNorm over each (sample, group) block.
+    """Group normalization forward (docs/layers): LayerNorm over each (sample, group) block.
 
     Parameters
     ----------
@@ -570,7 +753,7 @@ def online_norm_forward(
     training: bool = True,
     ecm: str | None = None,
 ):
-    """Online Normalization forward (Chiley et al. 2019; SPEC §5).  Stateless.
+    """Online Normalization forward (Chiley et al. 2019; docs/layers/onlinenorm.rst).  Stateless.
 
     The batch axis is time: sample t is normalized with the statistics carried from
     the samples before it, then the statistics take sample t in.
@@ -639,7 +822,7 @@ def _ls_factor(a: np.ndarray) -> np.ndarray:
 
 
 def online_norm_backward(dy, cache: OnlineNormCache, u, v, *, alpha_bkw: float = 0.99):
-    """Online Normalization backward (SPEC §5), in the forward's sample order.
+    """Online Normalization backward (docs/layers/onlinenorm.rst), in the forward's sample order.
 
     Parameters
     ----------

@@ -1,4 +1,4 @@
-"""StreamScaler and normalize_stream: standardizing feature streams (SPEC §2 and §8)."""
+"""StreamScaler and normalize_stream: standardizing feature streams (docs/math.rst and docs/streams.rst)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 
 from . import _kernels_cpu as K
 from ._validation import as_float_array
-from .stats import RunningStats
+from .stats import RunningStats, _is_dask_array
 
 _FORMAT = "streamnorm.StreamScaler"
 _FORMAT_VERSION = 1
@@ -80,7 +80,7 @@ class StreamScaler(*_BASES):  # type: ignore[misc]
         Divide by the standard deviation.
     decay : float in (0, 1], optional
         Exponential forgetting for drifting streams: the weight of each new chunk
-        (SPEC §2).  None keeps exact, equal-weight statistics.
+        (docs/math.rst).  None keeps exact, equal-weight statistics.
     half_life : float, optional
         Alternative to ``decay``, in chunks: a chunk's weight halves after
         ``half_life`` further chunks (``decay = 1 - 0.5 ** (1 / half_life)``).
@@ -151,15 +151,20 @@ class StreamScaler(*_BASES):  # type: ignore[misc]
 
     def _check_X(self, X, *, reset: bool) -> np.ndarray:
         _reject_sparse(X)
-        X = np.asarray(X)
-        if X.dtype.kind == "c":
-            raise ValueError(f"Complex data not supported: X has dtype {X.dtype}")
-        if X.dtype.kind == "O":
-            try:
-                X = X.astype(np.float64)
-            except (TypeError, ValueError) as e:
-                raise TypeError(f"X has dtype object and cannot be converted to float: {e}") from None
-        X = as_float_array(X, "X")
+        if _is_dask_array(X):  # checked lazily, never materialized
+            from .dask import check_X
+
+            X = check_X(X)
+        else:
+            X = np.asarray(X)
+            if X.dtype.kind == "c":
+                raise ValueError(f"Complex data not supported: X has dtype {X.dtype}")
+            if X.dtype.kind == "O":
+                try:
+                    X = X.astype(np.float64)
+                except (TypeError, ValueError) as e:
+                    raise TypeError(f"X has dtype object and cannot be converted to float: {e}") from None
+            X = as_float_array(X, "X")
         if X.ndim != 2:
             raise ValueError(
                 f"Expected 2D array, got {X.ndim}D array instead (shape {X.shape}). Reshape your data either "
@@ -187,9 +192,11 @@ class StreamScaler(*_BASES):  # type: ignore[misc]
         Parameters
         ----------
         X : array_like of shape (n_samples, n_features), float32 or float64
+            A dask array is fitted where its blocks live, with one ``compute()``
+            (see :mod:`streamnorm.dask`).
         y : ignored
         sample_weight : array_like of shape (n_samples,), optional
-            Non-negative weights.
+            Non-negative weights (a 1-D dask array too, when X is one).
 
         Returns
         -------
@@ -204,13 +211,19 @@ class StreamScaler(*_BASES):  # type: ignore[misc]
         ms = float(self.min_scale)
         if not ms > 0:
             raise ValueError(f"min_scale must be positive, got {self.min_scale!r}")
-        if sample_weight is not None:
-            w = np.asarray(sample_weight, dtype=np.float64)
-            if w.size and not np.any(w):
-                raise ValueError("sample_weight is all zeros: at least one sample must have a non-zero weight")
         stats = RunningStats(decay=self._decay_value(), nan_policy=self.nan_policy) if first else self._stats.copy()
-        stats.update(Xa, axis=0, weights=sample_weight)  # raises before anything is committed
-        _raise_on_inf(Xa, stats._mean + stats._m2 if self.nan_policy == "omit" else None)
+        if _is_dask_array(Xa):
+            from .dask import scaler_moments
+
+            # one compute; the weight, NaN and inf checks run in the blocks' tasks
+            stats._fold(*scaler_moments(Xa, sample_weight, self.nan_policy))
+        else:
+            if sample_weight is not None:
+                w = np.asarray(sample_weight, dtype=np.float64)
+                if w.size and not np.any(w):
+                    raise ValueError("sample_weight is all zeros: at least one sample must have a non-zero weight")
+            stats.update(Xa, axis=0, weights=sample_weight)  # raises before anything is committed
+            _raise_on_inf(Xa, stats._mean + stats._m2 if self.nan_policy == "omit" else None)
         self._stats = stats
         if first:
             self.n_features_in_ = Xa.shape[1]
@@ -298,6 +311,8 @@ class StreamScaler(*_BASES):  # type: ignore[misc]
         Returns
         -------
         ndarray of shape (n_samples, n_features), X's float dtype (float64 for integers)
+            A lazy dask array, chunked like X, when X is a dask array (``copy`` has no
+            effect there: dask blocks are never modified in place).
         """
         return self._affine(X, copy, inverse=False)
 
@@ -310,9 +325,13 @@ class StreamScaler(*_BASES):  # type: ignore[misc]
         if not hasattr(self, "_stats"):
             _not_fitted(self)
         Xa = self._check_X(X, reset=False)
-        _raise_on_inf(Xa)
         mean, scale = self._shift_scale()
         zero = np.zeros_like(mean)
+        if _is_dask_array(Xa):  # lazy, block by block; the statistics enter the graph once
+            from .dask import affine
+
+            return affine(Xa, zero, scale, mean) if inverse else affine(Xa, mean, 1.0 / scale, zero)
+        _raise_on_inf(Xa)
         out = _out_array(Xa, self.copy if copy is None else copy)
         if Xa.size:
             if inverse:
@@ -438,7 +457,7 @@ def normalize_stream(
     mode: Literal["frozen", "prequential", "running"] = "prequential",
     progress: bool = False,
 ) -> Iterator[np.ndarray]:
-    """Normalize a stream of chunks, one chunk at a time (SPEC §8).
+    """Normalize a stream of chunks, one chunk at a time (docs/streams.rst).
 
     Parameters
     ----------

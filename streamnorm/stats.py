@@ -1,7 +1,8 @@
-"""RunningStats: the mergeable per-feature moments (count, mean, M2) of SPEC section 2."""
+"""RunningStats: the mergeable per-feature moments (count, mean, M2) of docs/math.rst."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Literal
 
 import numpy as np
@@ -138,8 +139,13 @@ class RunningStats:
         """Moments of one chunk, without touching the state.
 
         Returns ``(feature_shape, n, mean, M2)`` with flat float64 arrays.  Used by
-        :meth:`update`; exposed for code that wants per-chunk statistics.
+        :meth:`update`; exposed for code that wants per-chunk statistics.  A dask array
+        is reduced where its blocks live (see :mod:`streamnorm.dask`) and computed once.
         """
+        if _is_dask_array(x):
+            from .dask import chunk_moments
+
+            return chunk_moments(x, axis=axis, weights=weights, nan_policy=self.nan_policy)
         x = as_float_array(x)
         if axis is None:
             x3 = canonical_view(x, (1, x.size, 1))
@@ -181,19 +187,25 @@ class RunningStats:
 
         Parameters
         ----------
-        x : array_like, float32 or float64 (integers are cast to float64)
+        x : array_like or dask array, float32 or float64 (integers are cast to float64)
             The chunk.  Samples run along ``axis``; the remaining axes are features.
-            Any memory layout; a C-contiguous chunk is never copied.
+            Any memory layout; a C-contiguous chunk is never copied.  A dask array
+            (chunked along any axes) is one chunk: its moments are a tree reduction
+            over its blocks, computed once, then merged in as for a NumPy chunk.
         axis : int or None
             The sample axis.  ``None`` pools every value into one scalar feature.
         weights : array_like of shape (x.shape[axis],), optional
-            Non-negative per-sample weights (frequency or reliability weights).
+            Non-negative per-sample weights (frequency or reliability weights); a 1-D
+            dask array too when x is one.
 
         Returns
         -------
         self
         """
-        fshape, n, mean, m2 = self.chunk_moments(x, axis=axis, weights=weights)
+        return self._fold(*self.chunk_moments(x, axis=axis, weights=weights))
+
+    def _fold(self, fshape, n, mean, m2) -> "RunningStats":
+        """Merge one chunk's moments (from :meth:`chunk_moments`) into the state."""
         if self._shape is None:
             self._set(fshape, n, mean, m2)
             return self
@@ -274,8 +286,14 @@ class RunningStats:
         return f"RunningStats(shape={self._shape}, count={self._n.max() if self._n.size else 0:g})"
 
 
+def _is_dask_array(x) -> bool:
+    """True for a dask array.  Never imports dask: a dask array means it is loaded."""
+    dask_array = sys.modules.get("dask.array")
+    return dask_array is not None and isinstance(x, dask_array.Array)
+
+
 def _decay_arrays(na, ma, m2a, nb, mb, m2b, a):
-    """Exponential forgetting (SPEC section 2); M2 is kept as ``var * count``."""
+    """Exponential forgetting (docs/math.rst); M2 is kept as ``var * count``."""
     n = na + nb
     with np.errstate(invalid="ignore", divide="ignore"):
         va = np.where(na > 0, m2a / np.where(na > 0, na, 1.0), 0.0)

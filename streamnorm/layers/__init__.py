@@ -5,6 +5,7 @@ from .batch import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .group import GroupNorm, InstanceNorm
 from .layer import LayerNorm, RMSNorm
 from .online import OnlineNorm
+from .sync import SyncBatchNorm
 
 __all__ = [
     "Layer",
@@ -17,4 +18,5 @@ __all__ = [
     "LayerNorm",
     "OnlineNorm",
     "RMSNorm",
+    "SyncBatchNorm",
 ]
