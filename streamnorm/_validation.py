@@ -52,3 +52,13 @@ def check_positive_float(value, name: str) -> float:
     if not np.isfinite(v) or v <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return v
+
+
+def check_axis(ndim: int, axis) -> int:
+    """A sample axis normalized to [0, ndim), or ValueError naming the problem."""
+    if ndim == 0:
+        raise ValueError("x must have at least one dimension when axis is given")
+    ax = int(axis)
+    if not -ndim <= ax < ndim:
+        raise ValueError(f"axis {axis} is out of range for an array of {ndim} dimensions")
+    return ax % ndim

@@ -40,7 +40,7 @@ import numpy as np
 
 from . import _kernels_cpu as K
 from . import _moments
-from ._validation import as_float_array, canonical_view
+from ._validation import as_float_array, canonical_view, check_axis
 
 __all__ = ["STATE_DTYPE", "moments", "chunk_moments"]
 
@@ -256,12 +256,7 @@ def moments(x, axis: int | None = 0, weights=None, nan_policy: str = "propagate"
         if weights is not None:
             raise ValueError("weights need a sample axis; got axis=None")
     else:
-        if x.ndim == 0:
-            raise ValueError("x must have at least one dimension when axis is given")
-        ax = int(axis)
-        if not -x.ndim <= ax < x.ndim:
-            raise ValueError(f"axis {axis} is out of range for an array of {x.ndim} dimensions")
-        axes = (ax % x.ndim,)
+        axes = (check_axis(x.ndim, axis),)
     w = None if weights is None else _row_weights(weights, x, axes[0])
     chunk = partial(_chunk_state, nan_policy=nan_policy, check_inf=bool(check_inf))
     return da.reduction(

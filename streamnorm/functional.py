@@ -129,6 +129,17 @@ def batch_moments(x, axis: int = 1):
     return count, mu, m2 / count
 
 
+def _bn_normalize(x, x3, cols, mu, var, w, b, eps):
+    """``y = (x - μ)·γ/sqrt(σ² + eps) + β`` per channel, in x's shape and dtype; returns (y, rstd)."""
+    rstd = 1.0 / np.sqrt(var + eps)
+    scale = rstd if w is None else w * rstd
+    shift = np.zeros(mu.shape[0]) if b is None else b
+    y = np.empty(x3.shape, dtype=x.dtype)
+    if y.size:
+        (K.apply_cols if cols else K.apply_ncl)(x3, mu, scale, shift, y)
+    return y.reshape(x.shape), rstd
+
+
 def batch_norm_forward(
     x,
     weight=None,
@@ -207,14 +218,9 @@ def batch_norm_forward(
     else:
         mu = _vec(mean, C, "mean")
         v = _vec(var, C, "var")
-    rstd = 1.0 / np.sqrt(v + eps)
-    scale = rstd if w is None else w * rstd
-    shift = np.zeros(C) if b is None else b
-    y = np.empty(x3.shape, dtype=x.dtype)
-    if y.size:
-        (K.apply_cols if cols else K.apply_ncl)(x3, mu, scale, shift, y)
+    y, rstd = _bn_normalize(x, x3, cols, mu, v, w, b, eps)
     cache = BatchNormCache(x3, cols, mu, v, rstd, w, count, batch_stats, x.shape, bmu, bvar, p, c)
-    return y.reshape(x.shape), cache
+    return y, cache
 
 
 def batch_norm_backward(dy, cache: BatchNormCache):
@@ -365,14 +371,9 @@ def sync_batch_norm_forward(x, weight=None, bias=None, comm=None, *, eps: float 
         if cnt:
             n, mu, m2 = K.merge_states(n, mu, m2, np.full(C, float(cnt)), smu, sm2)
     var = m2 / float(m)
-    rstd = 1.0 / np.sqrt(var + eps)
-    scale = rstd if w is None else w * rstd
-    shift = np.zeros(C) if b is None else b
-    y = np.empty(x3.shape, dtype=x.dtype)
-    if y.size:
-        (K.apply_cols if cols else K.apply_ncl)(x3, mu, scale, shift, y)
+    y, rstd = _bn_normalize(x, x3, cols, mu, var, w, b, eps)
     local = BatchNormCache(x3, cols, mu, var, rstd, w, counts[comm.rank], False, x.shape)
-    return y.reshape(x.shape), SyncBatchNormCache(local, m, counts)
+    return y, SyncBatchNormCache(local, m, counts)
 
 
 def _bn_state(x3: np.ndarray, cols: bool, C: int) -> tuple[int, np.ndarray, np.ndarray]:

@@ -9,7 +9,7 @@ import numpy as np
 
 from . import _kernels_cpu as K
 from . import _moments
-from ._validation import as_float_array, canonical_view
+from ._validation import as_float_array, canonical_view, check_axis
 
 NanPolicy = Literal["propagate", "omit", "raise"]
 _NAN_POLICIES = ("propagate", "omit", "raise")
@@ -152,12 +152,7 @@ class RunningStats:
             fshape: tuple[int, ...] = ()
             m = x.size
         else:
-            if x.ndim == 0:
-                raise ValueError("x must have at least one dimension when axis is given")
-            ax = int(axis)
-            if not -x.ndim <= ax < x.ndim:
-                raise ValueError(f"axis {axis} is out of range for an array of {x.ndim} dimensions")
-            ax %= x.ndim
+            ax = check_axis(x.ndim, axis)
             m = x.shape[ax]
             a = int(np.prod(x.shape[:ax], dtype=np.int64))
             b = int(np.prod(x.shape[ax + 1 :], dtype=np.int64))
