@@ -129,12 +129,32 @@ def batch_moments(x, axis: int = 1):
     return count, mu, m2 / count
 
 
-def _bn_normalize(x, x3, cols, mu, var, w, b, eps):
+def _output(out, x: np.ndarray, shape3: tuple[int, ...]) -> np.ndarray:
+    """The output in its canonical shape: a new array, or ``out`` after checking it.
+
+    ``out`` must be a writable C-contiguous ndarray of x's shape and dtype that does not
+    overlap x (the backward reads x).  Writing into a reused buffer saves the operating
+    system's zeroing of freshly allocated pages, about one write pass.
+    """
+    if out is None:
+        return np.empty(shape3, dtype=x.dtype)
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
+    if out.shape != x.shape or out.dtype != x.dtype:
+        raise ValueError(f"out has shape {out.shape} and dtype {out.dtype}; expected {x.shape} and {x.dtype}")
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError("out must be C-contiguous and writable")
+    if np.may_share_memory(out, x):
+        raise ValueError("out must not overlap x: the backward reads x")
+    return out.reshape(shape3)
+
+
+def _bn_normalize(x, x3, cols, mu, var, w, b, eps, out=None):
     """``y = (x - μ)·γ/sqrt(σ² + eps) + β`` per channel, in x's shape and dtype; returns (y, rstd)."""
     rstd = 1.0 / np.sqrt(var + eps)
     scale = rstd if w is None else w * rstd
     shift = np.zeros(mu.shape[0]) if b is None else b
-    y = np.empty(x3.shape, dtype=x.dtype)
+    y = _output(out, x, x3.shape)
     if y.size:
         (K.apply_cols if cols else K.apply_ncl)(x3, mu, scale, shift, y)
     return y.reshape(x.shape), rstd
@@ -153,6 +173,7 @@ def batch_norm_forward(
     prior_var=None,
     prior_weight: float = 0.0,
     unbiased: bool = False,
+    out: np.ndarray | None = None,
 ):
     """Batch normalization forward (docs/math.rst, and the blends of docs/streams.rst).
 
@@ -177,6 +198,9 @@ def batch_norm_forward(
     prior_weight : float in [0, 1]
     unbiased : bool
         Blend the batch's unbiased variance ``σ²_b·m/(m-1)`` instead of the biased one.
+    out : ndarray, optional
+        A preallocated C-contiguous output of x's shape and dtype, not overlapping x;
+        written and returned instead of a new array.
 
     Returns
     -------
@@ -218,7 +242,7 @@ def batch_norm_forward(
     else:
         mu = _vec(mean, C, "mean")
         v = _vec(var, C, "var")
-    y, rstd = _bn_normalize(x, x3, cols, mu, v, w, b, eps)
+    y, rstd = _bn_normalize(x, x3, cols, mu, v, w, b, eps, out)
     cache = BatchNormCache(x3, cols, mu, v, rstd, w, count, batch_stats, x.shape, bmu, bvar, p, c)
     return y, cache
 
@@ -479,7 +503,7 @@ def _norm_shape(normalized_shape) -> tuple[int, ...]:
     return shp
 
 
-def _rownorm_forward(x, normalized_shape, weight, bias, eps, center):
+def _rownorm_forward(x, normalized_shape, weight, bias, eps, center, out=None):
     x = as_float_array(x)
     ns = _norm_shape(normalized_shape)
     k = len(ns)
@@ -493,7 +517,7 @@ def _rownorm_forward(x, normalized_shape, weight, bias, eps, center):
     b = _vec(bias, D, "bias")
     wk = np.ones(D) if w is None else w
     bk = np.zeros(D) if b is None else b
-    y = np.empty((R, D), dtype=x.dtype)
+    y = _output(out, x, (R, D))
     mean = np.empty(R)
     rstd = np.empty(R)
     if R:
@@ -520,7 +544,7 @@ def _rownorm_backward(dy, cache: RowNormCache):
     return dx.reshape(dy.shape), dweight, dbias
 
 
-def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps: float = 1e-5):
+def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps: float = 1e-5, out=None):
     """Layer normalization forward (docs/layers).
 
     Parameters
@@ -531,6 +555,8 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps: float =
     weight, bias : array_like of shape normalized_shape, optional
         Elementwise γ and β.
     eps : float
+    out : ndarray, optional
+        A preallocated C-contiguous output of x's shape and dtype, not overlapping x.
 
     Returns
     -------
@@ -539,7 +565,7 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps: float =
         ``cache.mean`` and ``cache.rstd`` are the (R,) float64 row statistics,
         R = prod(B).
     """
-    return _rownorm_forward(x, normalized_shape, weight, bias, eps, True)
+    return _rownorm_forward(x, normalized_shape, weight, bias, eps, True, out)
 
 
 def layer_norm_backward(dy, cache: RowNormCache):
@@ -557,7 +583,7 @@ def layer_norm_backward(dy, cache: RowNormCache):
     return _rownorm_backward(dy, cache)
 
 
-def rms_norm_forward(x, normalized_shape, weight=None, eps: float | None = None):
+def rms_norm_forward(x, normalized_shape, weight=None, eps: float | None = None, out=None):
     """RMS normalization forward (docs/layers): ``y = γ·x / sqrt(mean(x²) + eps)``.
 
     Parameters
@@ -568,6 +594,9 @@ def rms_norm_forward(x, normalized_shape, weight=None, eps: float | None = None)
     eps : float or None
         None means the machine epsilon of x's dtype, as PyTorch does.
 
+    out : ndarray, optional
+        A preallocated C-contiguous output of x's shape and dtype, not overlapping x.
+
     Returns
     -------
     y : ndarray, the shape and dtype of ``x``
@@ -576,7 +605,7 @@ def rms_norm_forward(x, normalized_shape, weight=None, eps: float | None = None)
     x = as_float_array(x)
     if eps is None:
         eps = float(np.finfo(x.dtype).eps)
-    return _rownorm_forward(x, normalized_shape, weight, None, eps, False)
+    return _rownorm_forward(x, normalized_shape, weight, None, eps, False, out)
 
 
 def rms_norm_backward(dy, cache: RowNormCache):
@@ -608,7 +637,7 @@ class GroupNormCache(NamedTuple):
     shape: tuple[int, ...]
 
 
-def group_norm_forward(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5):
+def group_norm_forward(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5, out=None):
     """Group normalization forward (docs/layers): LayerNorm over each (sample, group) block.
 
     Parameters
@@ -619,6 +648,8 @@ def group_norm_forward(x, num_groups: int, weight=None, bias=None, eps: float = 
     weight, bias : array_like of shape (C,), optional
         Per-channel γ and β.
     eps : float
+    out : ndarray, optional
+        A preallocated C-contiguous output of x's shape and dtype, not overlapping x.
 
     Returns
     -------
@@ -640,7 +671,7 @@ def group_norm_forward(x, num_groups: int, weight=None, bias=None, eps: float = 
     b = _vec(bias, C, "bias")
     wk = np.ones(C) if w is None else w
     bk = np.zeros(C) if b is None else b
-    y = np.empty(x3.shape, dtype=x.dtype)
+    y = _output(out, x, x3.shape)
     mean = np.empty(N * G)
     rstd = np.empty(N * G)
     var = np.empty(N * G)

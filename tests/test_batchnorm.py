@@ -211,3 +211,22 @@ def test_offset_data_float64(rng):
         ref = (x[:, j] - mu) / np.sqrt(var + 1e-5)
         # the input itself is only known to ulp(1e8) ≈ 1.5e-8
         np.testing.assert_allclose(y[:, j], ref, atol=3e-8)
+
+
+def test_out_buffer_is_written_and_checked(rng):
+    x = rng.standard_normal((6, 3, 4)).astype(np.float32)
+    out = np.empty_like(x)
+    y, cache = F.batch_norm_forward(x, out=out)
+    assert y is out or np.shares_memory(y, out)
+    np.testing.assert_array_equal(out, F.batch_norm_forward(x)[0])
+    with pytest.raises(ValueError, match="overlap"):
+        F.batch_norm_forward(x, out=x)
+    with pytest.raises(ValueError, match="dtype"):
+        F.batch_norm_forward(x, out=np.empty(x.shape))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        F.batch_norm_forward(x, out=np.empty((4, 3, 6), np.float32).transpose(2, 1, 0))
+    for fwd in (lambda o: F.layer_norm_forward(x, 4, out=o), lambda o: F.rms_norm_forward(x, 4, out=o),
+                lambda o: F.group_norm_forward(x, 3, out=o)):
+        o = np.empty_like(x)
+        y, _ = fwd(o)
+        np.testing.assert_array_equal(o, fwd(None)[0])
