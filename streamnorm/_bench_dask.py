@@ -127,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import dask
         import dask.array as da
-        from dask.distributed import Client, LocalCluster
+        import dask.distributed  # noqa: F401
+
+        from .dask import local_client
     except ImportError:
         print("bench-dask needs dask[array,distributed]: pip install 'streamnorm[dask]'", file=sys.stderr)
         return 2
@@ -152,16 +154,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows_out = []
     ref = None
-    with (
-        LocalCluster(
-            n_workers=args.workers,
-            processes=True,
-            threads_per_worker=1,
-            dashboard_address=None,
-            host="127.0.0.1",
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    with local_client(args.workers) as client:
         methods = _methods(x)
         results = _measure(client, methods, args.repeat)
         ref = results["dask"][2]

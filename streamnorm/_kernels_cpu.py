@@ -148,6 +148,18 @@ def _row_moments_blocked(v, block, acc):
 
 
 @njit(**_JIT)
+def _span(t, n, nthreads):
+    """The contiguous range [lo, hi) of n items that thread t of nthreads owns."""
+    return t * n // nthreads, (t + 1) * n // nthreads
+
+
+@njit(**_JIT)
+def _zero_states(nthreads, F):
+    """Empty per-thread partial states: (count, mean, M2), each (nthreads, F) float64."""
+    return np.zeros((nthreads, F)), np.zeros((nthreads, F)), np.zeros((nthreads, F))
+
+
+@njit(**_JIT)
 def merge_states(na, ma, m2a, nb, mb, m2b):
     """Chan-merge two flat state triples elementwise into new arrays."""
     F = na.shape[0]
@@ -188,12 +200,9 @@ def col_moments(x, nthreads, block):
     """
     A, M, B = x.shape
     F = A * B
-    pn = np.zeros((nthreads, F))
-    pm = np.zeros((nthreads, F))
-    p2 = np.zeros((nthreads, F))
+    pn, pm, p2 = _zero_states(nthreads, F)
     for t in prange(nthreads):
-        r0 = t * M // nthreads
-        r1 = (t + 1) * M // nthreads
+        r0, r1 = _span(t, M, nthreads)
         k = np.empty(B)
         s = np.empty(B)
         for a in range(A):
@@ -233,12 +242,9 @@ def col_moments_omit(x, nthreads, block):
     """
     A, M, B = x.shape
     F = A * B
-    pn = np.zeros((nthreads, F))
-    pm = np.zeros((nthreads, F))
-    p2 = np.zeros((nthreads, F))
+    pn, pm, p2 = _zero_states(nthreads, F)
     for t in prange(nthreads):
-        r0 = t * M // nthreads
-        r1 = (t + 1) * M // nthreads
+        r0, r1 = _span(t, M, nthreads)
         k = np.empty(B)
         s = np.empty(B)
         c = np.empty(B)
@@ -288,12 +294,9 @@ def col_moments_general(x, w, has_w, omit, nthreads):
     """
     A, M, B = x.shape
     F = A * B
-    pn = np.zeros((nthreads, F))
-    pm = np.zeros((nthreads, F))
-    p2 = np.zeros((nthreads, F))
+    pn, pm, p2 = _zero_states(nthreads, F)
     for t in prange(nthreads):
-        r0 = t * M // nthreads
-        r1 = (t + 1) * M // nthreads
+        r0, r1 = _span(t, M, nthreads)
         for a in range(A):
             off = a * B
             for i in range(r0, r1):
@@ -323,12 +326,9 @@ def ncl_moments(x, nthreads, block):
     Chan-merged into the thread's partial state for channel c.
     """
     N, C, L = x.shape
-    pn = np.zeros((nthreads, C))
-    pm = np.zeros((nthreads, C))
-    p2 = np.zeros((nthreads, C))
+    pn, pm, p2 = _zero_states(nthreads, C)
     for t in prange(nthreads):
-        r0 = t * N // nthreads
-        r1 = (t + 1) * N // nthreads
+        r0, r1 = _span(t, N, nthreads)
         acc = np.empty(_lanes_for(L))
         for i in range(r0, r1):
             for c in range(C):
@@ -382,8 +382,7 @@ def bn_bwd_sums_cols(dy, x, mean, k1, dx, write_dx, nthreads):
     p1 = np.zeros((nthreads, C))
     p2 = np.zeros((nthreads, C))
     for t in prange(nthreads):
-        r0 = t * M // nthreads
-        r1 = (t + 1) * M // nthreads
+        r0, r1 = _span(t, M, nthreads)
         a1 = np.zeros(C)
         a2 = np.zeros(C)
         for i in range(r0, r1):
@@ -407,8 +406,7 @@ def bn_bwd_sums_ncl(dy, x, mean, k1, dx, write_dx, nthreads):
     p1 = np.zeros((nthreads, C))
     p2 = np.zeros((nthreads, C))
     for t in prange(nthreads):
-        r0 = t * N // nthreads
-        r1 = (t + 1) * N // nthreads
+        r0, r1 = _span(t, N, nthreads)
         acc1 = np.empty(_lanes_for(L))
         acc2 = np.empty(_lanes_for(L))
         for i in range(r0, r1):
@@ -470,8 +468,7 @@ def rownorm_fwd(x, weight, bias, eps, center, out, mean, rstd, nthreads):
     """
     R, D = x.shape
     for t in prange(nthreads):
-        r0 = t * R // nthreads
-        r1 = (t + 1) * R // nthreads
+        r0, r1 = _span(t, R, nthreads)
         acc = np.empty(_lanes_for(D))
         for i in range(r0, r1):
             xr = x[i]
@@ -502,8 +499,7 @@ def rownorm_bwd(dy, x, weight, mean, rstd, center, dx, nthreads):
     pw = np.zeros((nthreads, D))
     pb = np.zeros((nthreads, D))
     for t in prange(nthreads):
-        r0 = t * R // nthreads
-        r1 = (t + 1) * R // nthreads
+        r0, r1 = _span(t, R, nthreads)
         acc1 = np.empty(_lanes_for(D))
         acc2 = np.empty(_lanes_for(D))
         aw = np.zeros(D)
@@ -544,8 +540,7 @@ def groupnorm_fwd(x, weight, bias, G, eps, out, mean, var, rstd, nthreads):
     R, Cg, L = x.shape
     D = Cg * L
     for t in prange(nthreads):
-        r0 = t * R // nthreads
-        r1 = (t + 1) * R // nthreads
+        r0, r1 = _span(t, R, nthreads)
         acc = np.empty(_lanes_for(D))
         for i in range(r0, r1):
             blk = x[i].reshape(D)
@@ -578,8 +573,7 @@ def groupnorm_bwd(dy, x, weight, G, mean, rstd, dx, nthreads):
     pw = np.zeros((nthreads, C))
     pb = np.zeros((nthreads, C))
     for t in prange(nthreads):
-        r0 = t * R // nthreads
-        r1 = (t + 1) * R // nthreads
+        r0, r1 = _span(t, R, nthreads)
         acc1 = np.empty(_lanes_for(L))
         acc2 = np.empty(_lanes_for(L))
         ones = np.ones(L)
@@ -637,8 +631,7 @@ def online_fwd(x, mu, var, alpha_f, eps, weight, bias, out, nthreads):
     N, C, L = x.shape
     a = alpha_f
     for t in prange(nthreads):
-        c0 = t * C // nthreads
-        c1 = (t + 1) * C // nthreads
+        c0, c1 = _span(t, C, nthreads)
         acc = np.empty(_lanes_for(L))
         for n in range(N):
             for c in range(c0, c1):
@@ -674,8 +667,7 @@ def online_bwd(dout, x, mu, var, u, v, alpha_f, alpha_b, eps, weight, update, dx
     dw = np.zeros(C)
     db = np.zeros(C)
     for t in prange(nthreads):
-        c0 = t * C // nthreads
-        c1 = (t + 1) * C // nthreads
+        c0, c1 = _span(t, C, nthreads)
         acc = np.empty(_lanes_for(L))
         for n in range(N):
             for c in range(c0, c1):
@@ -732,8 +724,7 @@ def online_fwd_cols(x, mu, var, alpha_f, eps, weight, bias, out, nthreads):
     N, C = x.shape
     a = alpha_f
     for t in prange(nthreads):
-        c0 = t * C // nthreads
-        c1 = (t + 1) * C // nthreads
+        c0, c1 = _span(t, C, nthreads)
         m_ = mu[c0:c1]
         v_ = var[c0:c1]
         w_ = weight[c0:c1]
@@ -760,8 +751,7 @@ def online_bwd_cols(dout, x, mu, var, u, v, alpha_f, alpha_b, eps, weight, updat
     dw = np.zeros(C)
     db = np.zeros(C)
     for t in prange(nthreads):
-        c0 = t * C // nthreads
-        c1 = (t + 1) * C // nthreads
+        c0, c1 = _span(t, C, nthreads)
         m_ = mu[c0:c1]
         v_ = var[c0:c1]
         u_ = u[c0:c1]

@@ -225,6 +225,23 @@ def _row_weights(weights, x, ax: int):
     return da.broadcast_to(w.reshape(tuple(shape)), x.shape, chunks=x.chunks)
 
 
+@contextmanager
+def local_client(n_workers: int = 2):
+    """A ``dask.distributed`` client on a LocalCluster of single-threaded worker processes.
+
+    Loopback only, no dashboard: the cluster the tests and ``bench-dask`` use.
+    """
+    from dask.distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(
+            n_workers=n_workers, processes=True, threads_per_worker=1, dashboard_address=None, host="127.0.0.1"
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
+
+
 def moments(x, axis: int | None = 0, weights=None, nan_policy: str = "propagate", split_every=None, *, check_inf=False):
     """The lazy per-feature moments state of a dask array.
 

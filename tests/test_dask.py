@@ -18,7 +18,6 @@ pytest.importorskip("dask.distributed")
 import dask  # noqa: E402
 import dask.array as da  # noqa: E402
 from dask.core import get_dependencies  # noqa: E402
-from dask.distributed import Client, LocalCluster  # noqa: E402
 
 import streamnorm.dask as sd  # noqa: E402
 from naive import exact_mean_var  # noqa: E402
@@ -38,16 +37,7 @@ CHUNKINGS = {
 
 @pytest.fixture(scope="module")
 def client():
-    with (
-        LocalCluster(
-            n_workers=2,
-            processes=True,
-            threads_per_worker=1,
-            dashboard_address=None,
-            host="127.0.0.1",
-        ) as cluster,
-        Client(cluster) as c,
-    ):
+    with sd.local_client(2) as c:
         yield c
 
 
