@@ -13,12 +13,13 @@ the input's dtype; statistics and parameter gradients are float64.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from . import _kernels_cpu as K
 from . import _moments
+from ._backend import is_device
 from ._validation import as_float_array, canonical_view, check_positive_float
 from .comm import allgather_checked, as_communicator
 
@@ -44,6 +45,13 @@ __all__ = [
     "rms_norm_forward",
     "rms_norm_backward",
 ]
+
+
+def _gpu():
+    """The GPU implementations (loaded on the first GPU input)."""
+    from . import _gpu as G
+
+    return G
 
 
 def _vec(v, n: int, name: str) -> np.ndarray | None:
@@ -94,18 +102,24 @@ class BatchNormCache(NamedTuple):
     var_factor: float = 1.0
 
 
-def _bn_view(x: np.ndarray, axis: int) -> tuple[np.ndarray, bool, int]:
-    """Canonical view for BatchNorm: (M, C) if the channel axis is last, else (N, C, L)."""
-    if x.ndim < 2:
-        raise ValueError(f"BatchNorm expects at least 2 dimensions (N, C, ...), got shape {x.shape}")
-    if not -x.ndim <= axis < x.ndim:
-        raise ValueError(f"channel axis {axis} is out of range for input of shape {x.shape}")
-    ax = axis % x.ndim
+def _bn_dims(shape: tuple[int, ...], axis: int) -> tuple[int, int, int]:
+    """(n, c, l) of BatchNorm's canonical view of an input of this shape."""
+    ndim = len(shape)
+    if ndim < 2:
+        raise ValueError(f"BatchNorm expects at least 2 dimensions (N, C, ...), got shape {tuple(shape)}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"channel axis {axis} is out of range for input of shape {tuple(shape)}")
+    ax = axis % ndim
     if ax == 0:
         raise ValueError("the channel axis cannot be the batch axis 0")
-    c = x.shape[ax]
-    n = int(np.prod(x.shape[:ax], dtype=np.int64))
-    l = int(np.prod(x.shape[ax + 1 :], dtype=np.int64))
+    n = int(np.prod(shape[:ax], dtype=np.int64))
+    l = int(np.prod(shape[ax + 1 :], dtype=np.int64))
+    return n, int(shape[ax]), l
+
+
+def _bn_view(x: np.ndarray, axis: int) -> tuple[np.ndarray, bool, int]:
+    """Canonical view for BatchNorm: (M, C) if the channel axis is last, else (N, C, L)."""
+    n, c, l = _bn_dims(x.shape, axis)
     if l == 1:
         return canonical_view(x, (n, c)), True, c
     # the (N, C, L) kernels reduce rows of L in cache and need them contiguous
@@ -117,6 +131,8 @@ def batch_moments(x, axis: int = 1):
 
     Returns ``(m, mean, var)`` with m an int and (C,) float64 arrays.
     """
+    if is_device(x):
+        return _gpu().batch_moments(x, axis)
     x = as_float_array(x)
     x3, cols, C = _bn_view(x, axis)
     count = x.size // C if C else 0
@@ -210,6 +226,11 @@ def batch_norm_forward(
         and ``cache.batch_var`` the batch's own (biased) ones, for updating running
         statistics; ``cache.count`` the number of values per channel.
     """
+    if is_device(x):
+        return _gpu().batch_norm_forward(
+            x, weight, bias, mean=mean, var=var, eps=eps, axis=axis, prior_mean=prior_mean, prior_var=prior_var,
+            prior_weight=prior_weight, unbiased=unbiased, out=out,
+        )
     x = as_float_array(x)
     eps = check_positive_float(eps, "eps")
     x3, cols, C = _bn_view(x, axis)
@@ -267,6 +288,8 @@ def batch_norm_backward(dy, cache: BatchNormCache):
     dx : ndarray, the shape of the input, dtype ``result_type(x, dy)``
     dweight, dbias : ndarray of float64, shape (C,)
     """
+    if is_device(cache.x3):
+        return _gpu().batch_norm_backward(dy, cache)
     x3 = cache.x3
     shape = x3.shape
     dy = as_float_array(dy, "dy")
@@ -367,6 +390,11 @@ def sync_batch_norm_forward(x, weight=None, bias=None, comm=None, *, eps: float 
     """
     comm = as_communicator(comm)
     try:
+        if is_device(x):
+            raise TypeError(
+                "sync_batch_norm_forward takes host arrays: its statistics travel through the "
+                "communicator as NumPy buffers, and GPU input is not supported"
+            )
         x = as_float_array(x)
         eps = check_positive_float(eps, "eps")
         x3, cols, C = _bn_view(x, axis)
@@ -504,6 +532,8 @@ def _norm_shape(normalized_shape) -> tuple[int, ...]:
 
 
 def _rownorm_forward(x, normalized_shape, weight, bias, eps, center, out=None):
+    if is_device(x):
+        return _gpu().rownorm_forward(x, normalized_shape, weight, bias, eps, center, out)
     x = as_float_array(x)
     ns = _norm_shape(normalized_shape)
     k = len(ns)
@@ -527,6 +557,8 @@ def _rownorm_forward(x, normalized_shape, weight, bias, eps, center, out=None):
 
 
 def _rownorm_backward(dy, cache: RowNormCache):
+    if is_device(cache.x2):
+        return _gpu().rownorm_backward(dy, cache)
     x2 = cache.x2
     dy = as_float_array(dy, "dy")
     if dy.shape != cache.shape:
@@ -602,9 +634,10 @@ def rms_norm_forward(x, normalized_shape, weight=None, eps: float | None = None,
     y : ndarray, the shape and dtype of ``x``
     cache : RowNormCache
     """
-    x = as_float_array(x)
-    if eps is None:
-        eps = float(np.finfo(x.dtype).eps)
+    if not is_device(x):
+        x = as_float_array(x)
+        if eps is None:
+            eps = float(np.finfo(x.dtype).eps)
     return _rownorm_forward(x, normalized_shape, weight, None, eps, False, out)
 
 
@@ -657,6 +690,8 @@ def group_norm_forward(x, num_groups: int, weight=None, bias=None, eps: float = 
     cache : GroupNormCache
         ``cache.mean`` and ``cache.var`` (biased) are (N*G,) float64.
     """
+    if is_device(x):
+        return _gpu().group_norm_forward(x, num_groups, weight, bias, eps, out)
     x = as_float_array(x)
     if x.ndim < 2:
         raise ValueError(f"GroupNorm expects input of shape (N, C, ...), got {x.shape}")
@@ -688,6 +723,8 @@ def group_norm_backward(dy, cache: GroupNormCache):
     dx : ndarray, the shape of ``dy``
     dweight, dbias : float64 arrays of shape (C,)
     """
+    if is_device(cache.x3):
+        return _gpu().group_norm_backward(dy, cache)
     dy = as_float_array(dy, "dy")
     if dy.shape != cache.shape:
         raise ValueError(f"dy has shape {dy.shape}, but the forward input had shape {cache.shape}")
@@ -720,12 +757,13 @@ def instance_norm_forward(x, weight=None, bias=None, *, mean=None, var=None, eps
     cache : GroupNormCache (instance statistics) or BatchNormCache (given statistics)
         For instance statistics, ``cache.mean`` and ``cache.var`` are (N*C,).
     """
-    x = as_float_array(x)
+    if not is_device(x):
+        x = as_float_array(x)
     if x.ndim < 3:
         raise ValueError(f"InstanceNorm expects input of shape (N, C, *S) with spatial dims, got {x.shape}")
     if mean is not None or var is not None:
         return batch_norm_forward(x, weight, bias, mean=mean, var=var, eps=eps, axis=1)
-    L = int(np.prod(x.shape[2:], dtype=np.int64))
+    L = int(np.prod(tuple(x.shape[2:]), dtype=np.int64))
     if L <= 1:
         raise ValueError(
             f"InstanceNorm with instance statistics needs more than 1 spatial value per channel, "
@@ -759,6 +797,7 @@ class OnlineNormCache(NamedTuple):
     ecm: str | None
     out: np.ndarray | None  # the affine output before error compensation ('ac', 'ls')
     shape: tuple[int, ...]
+    ls_rstd: Any = None  # GPU, ecm='ls': each sample's 1/RMS from the forward
 
 
 _ECM_CLIP = 5.0
@@ -811,6 +850,10 @@ def online_norm_forward(
     new_mu, new_var : float64 ndarrays of shape (C,)
     cache : OnlineNormCache
     """
+    if is_device(x):
+        return _gpu().online_norm_forward(
+            x, mu, var, weight, bias, alpha_fwd=alpha_fwd, eps=eps, training=training, ecm=ecm
+        )
     x = as_float_array(x)
     x3 = _online_view(x)
     C = x3.shape[1]
@@ -871,6 +914,8 @@ def online_norm_backward(dy, cache: OnlineNormCache, u, v, *, alpha_bkw: float =
     new_u, new_v : float64 arrays of shape (C,)
         Unchanged in eval mode, where ``dx = γ·dy/sqrt(var + eps)``.
     """
+    if is_device(cache.x3):
+        return _gpu().online_norm_backward(dy, cache, u, v, alpha_bkw=alpha_bkw)
     dy = as_float_array(dy, "dy")
     if dy.shape != cache.shape:
         raise ValueError(f"dy has shape {dy.shape}, but the forward input had shape {cache.shape}")

@@ -9,6 +9,7 @@ import numpy as np
 
 from . import _kernels_cpu as K
 from . import _moments
+from ._backend import is_device
 from ._validation import as_float_array, canonical_view, check_axis
 
 NanPolicy = Literal["propagate", "omit", "raise"]
@@ -146,6 +147,10 @@ class RunningStats:
             from .dask import chunk_moments
 
             return chunk_moments(x, axis=axis, weights=weights, nan_policy=self.nan_policy)
+        if is_device(x):
+            from ._gpu import chunk_moments as gpu_chunk_moments
+
+            return gpu_chunk_moments(x, axis, weights, self.nan_policy)
         x = as_float_array(x)
         if axis is None:
             x3 = canonical_view(x, (1, x.size, 1))
@@ -186,7 +191,9 @@ class RunningStats:
             The chunk.  Samples run along ``axis``; the remaining axes are features.
             Any memory layout; a C-contiguous chunk is never copied.  A dask array
             (chunked along any axes) is one chunk: its moments are a tree reduction
-            over its blocks, computed once, then merged in as for a NumPy chunk.
+            over its blocks, computed once, then merged in as for a NumPy chunk.  A
+            C-contiguous float32/float64 GPU array (CuPy, PyTorch CUDA, numba) is
+            reduced on the GPU; only its (F,) moments come back to the host state.
         axis : int or None
             The sample axis.  ``None`` pools every value into one scalar feature.
         weights : array_like of shape (x.shape[axis],), optional

@@ -6,6 +6,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from .. import _backend
 from .._validation import as_param
 
 
@@ -59,6 +60,9 @@ class Layer:
         ``num_batches_tracked`` where the layer has one.
     training : bool
         True in train mode (the default), False after :meth:`eval`.
+    device : {'cpu', 'cuda'}
+        Where ``params``, ``grads`` and ``buffers`` live (see :meth:`to`).  The input
+        of ``forward`` must live there too.
     """
 
     def __init__(self) -> None:
@@ -66,6 +70,8 @@ class Layer:
         self.grads: dict[str, np.ndarray] = {}
         self.buffers: dict[str, np.ndarray] = {}
         self.training: bool = True
+        self.device: str = "cpu"
+        self._like: Any = None
         self._cache: Any = None
 
     # -------------------------------------------------------------- contract
@@ -83,10 +89,68 @@ class Layer:
             raise RuntimeError(f"{type(self).__name__}.backward() called before forward()")
         return self._cache
 
+    def _input(self, x):
+        """``x`` checked against the layer's device: GPU input needs :meth:`to` ('cuda')."""
+        on_gpu = _backend.is_device(x)
+        if on_gpu != (self.device == "cuda"):
+            where = "on the GPU" if on_gpu else "in host memory"
+            fix = "layer.to('cuda')" if on_gpu else "layer.to('cpu'), or pass a GPU array"
+            raise TypeError(
+                f"{type(self).__name__}: the input is {where} but the layer's parameters and buffers are "
+                f"on '{self.device}'; call {fix} once (streamnorm never copies them on every call)"
+            )
+        return _backend.as_input(x)
+
+    def _own(self, a, like):
+        """A vector computed on the layer's device, as the kind of array ``like`` is."""
+        return _backend.as_kind(a, like) if self.device == "cuda" else a
+
     def _set_grads(self, **grads) -> None:
         for name, g in grads.items():
             if name in self.params and g is not None:
-                self.grads[name] = np.asarray(g, dtype=np.float64).reshape(self.params[name].shape)
+                shape = tuple(self.params[name].shape)
+                if self.device == "cuda":
+                    self.grads[name] = _backend.as_kind(g, self.params[name]).reshape(shape)
+                else:
+                    self.grads[name] = np.asarray(g, dtype=np.float64).reshape(shape)
+
+    def to(self, device: str, *, like=None) -> "Layer":
+        """Move parameters, gradients and buffers to ``'cuda'`` or ``'cpu'``; returns self.
+
+        Parameters
+        ----------
+        device : {'cuda', 'cpu'}
+            ``'cuda'`` copies every float64 vector to the current GPU once; from then on
+            ``forward`` takes GPU arrays (CuPy, PyTorch CUDA tensors, numba device
+            arrays) and refuses host arrays, and the other way round after ``'cpu'``.
+        like : GPU array, optional
+            With ``'cuda'``, hold the vectors as this kind of array (a CuPy array or a
+            PyTorch tensor) instead of numba device arrays, so that an optimizer
+            written for that library can update ``params`` in place.
+
+        Notes
+        -----
+        ``num_batches_tracked`` stays a host integer.  :meth:`state_dict` always
+        returns host NumPy arrays, wherever the layer lives.
+        """
+        dev = str(device).lower()
+        if dev not in ("cuda", "cpu"):
+            raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
+        if dev == "cuda" and like is not None and not _backend.is_device(like):
+            raise TypeError(f"like must be a GPU array (CuPy, PyTorch CUDA, numba), got {type(like).__name__}")
+        move = (lambda a: _backend.to_device(_backend.to_host(a), like)) if dev == "cuda" else _backend.to_host
+        self.params, self.grads, self.buffers = (
+            {k: (v if k == "num_batches_tracked" else move(v)) for k, v in d.items()}
+            for d in (self.params, self.grads, self.buffers)
+        )
+        self._move_extra(move)
+        self.device = dev
+        self._like = like if dev == "cuda" else None
+        self._cache = None
+        return self
+
+    def _move_extra(self, move) -> None:
+        """Move any further per-channel state a subclass keeps (hook for :meth:`to`)."""
 
     def train(self, mode: bool = True) -> "Layer":
         """Set train mode (``mode=True``) or eval mode; returns self."""
@@ -99,13 +163,16 @@ class Layer:
 
     def zero_grad(self) -> None:
         """Set every gradient to zeros."""
-        self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
+        if self.device == "cuda":
+            self.grads = {k: _backend.to_device(np.zeros(tuple(v.shape)), self._like) for k, v in self.params.items()}
+        else:
+            self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
 
     # ----------------------------------------------------------- state dicts
     def state_dict(self) -> dict[str, np.ndarray]:
-        """Copies of parameters and buffers under PyTorch's key names."""
-        out = {k: v.copy() for k, v in self.params.items()}
-        out.update({k: np.array(v, copy=True) for k, v in self.buffers.items()})
+        """Host NumPy copies of parameters and buffers under PyTorch's key names (on any device)."""
+        out = {k: _backend.to_host(v) for k, v in self.params.items()}
+        out.update({k: _backend.to_host(v) for k, v in self.buffers.items()})
         return out
 
     def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
@@ -133,7 +200,12 @@ class Layer:
                     raise ValueError(f"num_batches_tracked must be a non-negative integer scalar, got {v!r}")
                 new[k] = np.array(int(v.ravel()[0]), dtype=np.int64)
             else:
-                new[k] = as_param(state[k], ref.shape, k)
+                value = state[k]
+                if _backend.is_device(value):
+                    value = _backend.to_host(value)
+                new[k] = as_param(value, tuple(ref.shape), k)
+                if self.device == "cuda":
+                    new[k] = _backend.to_device(new[k], self._like)
         for k, v in new.items():
             if k in self.params:
                 self.params[k] = v

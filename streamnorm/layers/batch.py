@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from .. import functional as F
-from .._validation import as_float_array, check_positive_float
+from .. import _backend
+from .._validation import check_positive_float
 from .base import Layer, affine_params, check_momentum, check_num_features, running_buffers
 
 
@@ -71,18 +72,20 @@ class BatchNorm(Layer):
 
     # ------------------------------------------------------------------ checks
     def _check_input(self, x) -> np.ndarray:
-        x = as_float_array(x)
-        if self._ndims is not None and x.ndim not in self._ndims:
+        x = self._input(x)
+        shape = tuple(x.shape)
+        ndim = len(shape)
+        if self._ndims is not None and ndim not in self._ndims:
             want = " or ".join(str(d) for d in self._ndims)
-            raise ValueError(f"{type(self).__name__} expects {want}-dimensional input, got shape {x.shape}")
-        if x.ndim < 2:
-            raise ValueError(f"{type(self).__name__} expects input of shape (N, C, ...), got {x.shape}")
-        if not -x.ndim <= self.axis < x.ndim or self.axis % x.ndim == 0:
-            raise ValueError(f"channel axis {self.axis} is not valid for input of shape {x.shape}")
-        if x.shape[self.axis] != self.num_features:
+            raise ValueError(f"{type(self).__name__} expects {want}-dimensional input, got shape {shape}")
+        if ndim < 2:
+            raise ValueError(f"{type(self).__name__} expects input of shape (N, C, ...), got {shape}")
+        if not -ndim <= self.axis < ndim or self.axis % ndim == 0:
+            raise ValueError(f"channel axis {self.axis} is not valid for input of shape {shape}")
+        if shape[self.axis] != self.num_features:
             raise ValueError(
                 f"{type(self).__name__} has {self.num_features} channels, but the input has "
-                f"{x.shape[self.axis]} along axis {self.axis} (shape {x.shape})"
+                f"{shape[self.axis]} along axis {self.axis} (shape {shape})"
             )
         return x
 
@@ -123,11 +126,9 @@ class BatchNorm(Layer):
         """PyTorch's running-statistics rule; the unbiased batch variance is stored."""
         nbt = self.num_batches_tracked + 1
         f = 1.0 / nbt if self.momentum is None else self.momentum
-        unbiased = var * (count / (count - 1))
-        rm = (1.0 - f) * self.buffers["running_mean"] + f * mean
-        rv = (1.0 - f) * self.buffers["running_var"] + f * unbiased
-        self.buffers["running_mean"] = rm
-        self.buffers["running_var"] = rv
+        rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
+        self.buffers["running_mean"] = _backend.lerp(rm, self._own(mean, rm), 1.0 - f, f)
+        self.buffers["running_var"] = _backend.lerp(rv, self._own(var, rv), 1.0 - f, f, count / (count - 1))
         self.buffers["num_batches_tracked"] = np.array(nbt, dtype=np.int64)
 
     # -------------------------------------------------- test-time adaptation
@@ -190,12 +191,16 @@ class BatchNorm(Layer):
         if not 0.0 < omega <= 1.0 or m0 + m_min > 1.0:
             raise ValueError(f"need 0 < omega <= 1 and m0 + m_min <= 1, got omega={omega!r}, m0 + m_min={m0 + m_min!r}")
         if self._source is None:
-            self._source = (self.buffers["running_mean"].copy(), self.buffers["running_var"].copy())
+            self._source = (_backend.copy(self.buffers["running_mean"]), _backend.copy(self.buffers["running_var"]))
         self._adapt = {
             "mode": mode, "prior_strength": float(prior_strength), "momentum": float(momentum),
             "m0": float(m0), "omega": float(omega), "m_min": float(m_min), "k": 0,
         }
         return self
+
+    def _move_extra(self, move) -> None:
+        if self._source is not None:
+            self._source = (move(self._source[0]), move(self._source[1]))
 
     @property
     def adaptation(self) -> str | None:
@@ -205,8 +210,8 @@ class BatchNorm(Layer):
     def reset_adaptation(self) -> "BatchNorm":
         """Restore the source statistics exactly and restart the mode's schedule."""
         if self._source is not None:
-            self.buffers["running_mean"] = self._source[0].copy()
-            self.buffers["running_var"] = self._source[1].copy()
+            self.buffers["running_mean"] = _backend.copy(self._source[0])
+            self.buffers["running_var"] = _backend.copy(self._source[1])
         if self._adapt is not None:
             self._adapt["k"] = 0
         return self
@@ -236,8 +241,8 @@ class BatchNorm(Layer):
             prior_weight=1.0 - mom, unbiased=True, **kw,
         )
         # the blend just used is the updated running statistics (committed on success)
-        self.buffers["running_mean"] = cache.mean.copy()
-        self.buffers["running_var"] = cache.var.copy()
+        self.buffers["running_mean"] = self._own(_backend.copy(cache.mean), self.buffers["running_mean"])
+        self.buffers["running_var"] = self._own(_backend.copy(cache.var), self.buffers["running_var"])
         a["k"] = k
         return y, cache
 

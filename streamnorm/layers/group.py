@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 
 from .. import functional as F
-from .._validation import as_float_array, check_positive_float
+from .. import _backend
+from .._validation import check_positive_float
 from .base import Layer, affine_params, check_momentum, check_num_features, running_buffers
 
 
 def _check_nc(layer: Layer, x, num_channels: int, min_ndim: int) -> np.ndarray:
-    x = as_float_array(x)
+    x = layer._input(x)
     name = type(layer).__name__
     if x.ndim < min_ndim:
         raise ValueError(f"{name} expects input of shape (N, C{', *S' if min_ndim > 2 else ', ...'}){' with spatial dims' if min_ndim > 2 else ''}, got {x.shape}")
@@ -115,12 +116,17 @@ class InstanceNorm(Layer):
             y, cache = F.instance_norm_forward(x, w, b, eps=self.eps)
             if self.training and self.track_running_stats:
                 N, C = x.shape[:2]
-                L = x.size // (N * C)
+                L = int(np.prod(tuple(x.shape[2:]), dtype=np.int64))
                 f = 0.0 if self.momentum is None else self.momentum
-                inst_mean = cache.mean.reshape(N, C).mean(axis=0)
-                inst_var = (cache.var.reshape(N, C) * (L / (L - 1))).mean(axis=0)
-                self.buffers["running_mean"] = (1 - f) * self.buffers["running_mean"] + f * inst_mean
-                self.buffers["running_var"] = (1 - f) * self.buffers["running_var"] + f * inst_var
+                rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
+                if self.device == "cuda":
+                    m, v = _backend.gpu().instance_running(cache.mean.reshape(N, C), cache.var.reshape(N, C), L / (L - 1))
+                    m, v = self._own(m, rm), self._own(v, rv)
+                else:
+                    m = cache.mean.reshape(N, C).mean(axis=0)
+                    v = (cache.var.reshape(N, C) * (L / (L - 1))).mean(axis=0)
+                self.buffers["running_mean"] = _backend.lerp(rm, m, 1 - f, f)
+                self.buffers["running_var"] = _backend.lerp(rv, v, 1 - f, f)
         else:
             y, cache = F.instance_norm_forward(
                 x, w, b, mean=self.buffers["running_mean"], var=self.buffers["running_var"], eps=self.eps

@@ -43,7 +43,7 @@ class LayerNorm(Layer):
     def forward(self, x):
         """Normalize each row of D values; returns y of x's shape and dtype."""
         y, self._cache = F.layer_norm_forward(
-            x, self.normalized_shape, self.params.get("weight"), self.params.get("bias"), self.eps
+            self._input(x), self.normalized_shape, self.params.get("weight"), self.params.get("bias"), self.eps
         )
         return y
 
@@ -89,7 +89,7 @@ class RMSNorm(Layer):
 
     def forward(self, x):
         """Normalize each row of D values by its root mean square."""
-        y, self._cache = F.rms_norm_forward(x, self.normalized_shape, self.params.get("weight"), self.eps)
+        y, self._cache = F.rms_norm_forward(self._input(x), self.normalized_shape, self.params.get("weight"), self.eps)
         return y
 
     def backward(self, dy):

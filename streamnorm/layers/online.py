@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from .. import functional as F
-from .._validation import as_float_array, check_positive_float
+from .. import _backend
+from .._validation import check_positive_float
 from .base import Layer, affine_params, check_num_features
 
 
@@ -73,11 +74,13 @@ class OnlineNorm(Layer):
         """Restore the initial statistics and control state (``mu=0, var=1, u=v=0``)."""
         C = self.num_features
         self.buffers = {"mu": np.zeros(C), "var": np.ones(C), "u": np.zeros(C), "v": np.zeros(C)}
+        if self.device == "cuda":
+            self.buffers = {k: _backend.to_device(v, self._like) for k, v in self.buffers.items()}
         self._cache = None
         return self
 
     def forward(self, x):
-        x = as_float_array(x)
+        x = self._input(x)
         if x.ndim < 2 or x.shape[1] != self.num_features:
             raise ValueError(f"OnlineNorm has {self.num_features} channels; input of shape {x.shape} does not match")
         y, mu, var, cache = F.online_norm_forward(
@@ -85,7 +88,8 @@ class OnlineNorm(Layer):
             alpha_fwd=self.alpha_fwd, eps=self.eps, training=self.training, ecm=self.ecm,
         )
         if self.training:
-            self.buffers["mu"], self.buffers["var"] = mu, var
+            self.buffers["mu"] = self._own(mu, self.buffers["mu"])
+            self.buffers["var"] = self._own(var, self.buffers["var"])
         self._cache = cache
         return y
 
@@ -94,7 +98,8 @@ class OnlineNorm(Layer):
         cache = self._require_cache()
         dx, dw, db, u, v = F.online_norm_backward(dy, cache, self.buffers["u"], self.buffers["v"], alpha_bkw=self.alpha_bkw)
         if cache.training:
-            self.buffers["u"], self.buffers["v"] = u, v
+            self.buffers["u"] = self._own(u, self.buffers["u"])
+            self.buffers["v"] = self._own(v, self.buffers["v"])
         self._set_grads(weight=dw, bias=db)
         return dx
 

@@ -1,0 +1,978 @@
+"""numba.cuda kernels and their launchers.  Private; the only module that imports numba.cuda.
+
+The public API reaches this module through :mod:`streamnorm._backend` when an input
+lives on an NVIDIA GPU (it has ``__cuda_array_interface__``).  Everything here works on
+numba device arrays; conversion from CuPy arrays and PyTorch tensors happens once per
+call, without a copy.
+
+Conventions (the same as the CPU kernels, docs/gpu.rst):
+
+* Statistics accumulate in float64 whatever the input dtype.  A thread folds its values
+  in with Welford's update, threads of a block merge their states with Chan's formula in
+  shared memory, and a second small kernel merges the blocks' states with Chan's formula
+  again.  The scalar formulas are the very functions the CPU backend compiles
+  (:mod:`streamnorm._welford`).
+* Reductions go through shared memory only (no warp shuffles), so numba's CUDA simulator
+  runs every kernel.
+* Per-channel and per-row vectors (statistics, parameters, gradients) stay on the device;
+  no call synchronizes with the host except where a result must reach the host
+  (:class:`~streamnorm.RunningStats` keeps its state in host memory).
+
+numpy 2.5 removed ``np.row_stack``, which numba-cuda 0.30 still references when it
+compiles a kernel; the alias is restored (as ``np.vstack``, which it always was) before
+numba.cuda is imported.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+
+if not hasattr(np, "row_stack"):  # numpy >= 2.5 with numba-cuda <= 0.30
+    np.row_stack = np.vstack
+
+try:
+    import numba
+    from numba import cuda
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "GPU input needs numba's CUDA target: install streamnorm[cuda] (numba-cuda) "
+        "and an NVIDIA driver, or run with NUMBA_ENABLE_CUDASIM=1 for the simulator"
+    ) from exc
+
+from ._welford import chan_merge, welford_add
+
+SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
+
+# Block shapes.  The simulator runs every thread in Python, so it gets tiny blocks; the
+# kernels are correct for any power-of-two sizes.
+if SIMULATOR:
+    TPB, BX, BY, TARGET_BLOCKS = 8, 4, 2, 4
+else:  # pragma: no cover - needs a GPU
+    TPB, BX, BY, TARGET_BLOCKS = 256, 32, 8, 1024
+
+F8 = numba.float64
+_chan = cuda.jit(device=True)(chan_merge)
+_welford = cuda.jit(device=True)(welford_add)
+
+
+# ---------------------------------------------------------------------------
+# Arrays: conversion, allocation, and handing results back in the caller's kind
+# ---------------------------------------------------------------------------
+
+
+def _is_simulated(x) -> bool:
+    t = type(x)
+    return t.__name__ == "FakeCUDAArray" and t.__module__.startswith("numba.cuda.simulator")
+
+
+def as_device(x, name: str = "x", float_only: bool = True):
+    """A numba device array viewing ``x`` (no copy), with dtype and layout checked.
+
+    GPU input must be float32 or float64 and C-contiguous: anything else would need a
+    copy per call, so it raises instead and says what to do.
+    """
+    if _is_simulated(x):
+        d = x
+    elif SIMULATOR:
+        raise TypeError(f"{name} is a real GPU array, but numba's CUDA simulator is active (NUMBA_ENABLE_CUDASIM=1)")
+    else:  # pragma: no cover - needs a GPU
+        d = cuda.as_cuda_array(x)
+    if float_only and d.dtype not in (np.float32, np.float64):
+        raise TypeError(f"{name} on the GPU has dtype {d.dtype}; streamnorm's GPU kernels take float32 or float64")
+    if d.size and not d.is_c_contiguous():
+        raise ValueError(
+            f"{name} on the GPU must be C-contiguous (make it so once, e.g. .contiguous() or cupy.ascontiguousarray)"
+        )
+    return d
+
+
+def like(template, d):
+    """``d`` as the same kind of array as ``template`` (CuPy, PyTorch or numba), without a copy."""
+    mod = type(template).__module__.split(".")[0]
+    if mod == "cupy":  # pragma: no cover - needs a GPU
+        return sys.modules["cupy"].asarray(d)
+    if mod == "torch":  # pragma: no cover - needs a GPU
+        return sys.modules["torch"].as_tensor(d, device=template.device)
+    return d
+
+
+def empty(shape, dtype=np.float64):
+    return cuda.device_array(shape, dtype=dtype)
+
+
+def zeros(shape, dtype=np.float64):
+    return cuda.to_device(np.zeros(shape, dtype=dtype))
+
+
+def to_device(a: np.ndarray):
+    return cuda.to_device(np.ascontiguousarray(a))
+
+
+def to_host(d) -> np.ndarray:
+    return as_device(d, float_only=False).copy_to_host()
+
+
+def copy(d):
+    out = cuda.device_array(d.shape, dtype=d.dtype)
+    out.copy_to_device(d)
+    return out
+
+
+def _flat(d):
+    return d.reshape(d.size)
+
+
+_DUMMY: dict = {}
+
+
+def _dummy():
+    """A one-value float64 device array standing in for an absent optional vector."""
+    if "v" not in _DUMMY:
+        _DUMMY["v"] = zeros(1)
+    return _DUMMY["v"]
+
+
+def _opt(v):
+    return (_dummy(), False) if v is None else (v, True)
+
+
+def _blocks(n: int, per: int) -> int:
+    return max(1, -(-n // per))
+
+
+def _split(work: int, other_blocks: int, min_per: int) -> tuple[int, int]:
+    """(parts, span): split ``work`` items into parts so the grid has about TARGET_BLOCKS blocks."""
+    parts = max(1, min(_blocks(work, min_per), _blocks(TARGET_BLOCKS, other_blocks)))
+    span = _blocks(work, parts)
+    return _blocks(work, span), span
+
+
+# ---------------------------------------------------------------------------
+# Shared-memory tree reductions (device functions)
+# ---------------------------------------------------------------------------
+
+
+@cuda.jit(device=True)
+def _tree_chan(sn, smu, sm2, t):
+    """Chan-merge the states in sn/smu/sm2[:TPB] into index 0; all threads call it."""
+    s = TPB // 2
+    while s > 0:
+        if t < s:
+            n, m, m2 = _chan(sn[t], smu[t], sm2[t], sn[t + s], smu[t + s], sm2[t + s])
+            sn[t] = n
+            smu[t] = m
+            sm2[t] = m2
+        cuda.syncthreads()
+        s //= 2
+
+
+@cuda.jit(device=True)
+def _tree_sum(acc, k, t):
+    """Sum the rows acc[0:k, :TPB] into column 0; all threads call it."""
+    s = TPB // 2
+    while s > 0:
+        if t < s:
+            for q in range(k):
+                acc[q, t] += acc[q, t + s]
+        cuda.syncthreads()
+        s //= 2
+
+
+@cuda.jit(device=True)
+def _tree_chan_y(sn, smu, sm2, ty, tx):
+    s = BY // 2
+    while s > 0:
+        if ty < s:
+            n, m, m2 = _chan(sn[ty, tx], smu[ty, tx], sm2[ty, tx], sn[ty + s, tx], smu[ty + s, tx], sm2[ty + s, tx])
+            sn[ty, tx] = n
+            smu[ty, tx] = m
+            sm2[ty, tx] = m2
+        cuda.syncthreads()
+        s //= 2
+
+
+@cuda.jit(device=True)
+def _tree_sum_y(acc, k, ty, tx):
+    s = BY // 2
+    while s > 0:
+        if ty < s:
+            for q in range(k):
+                acc[q, ty, tx] += acc[q, ty + s, tx]
+        cuda.syncthreads()
+        s //= 2
+
+
+# ---------------------------------------------------------------------------
+# Moments: per-block Welford + in-block Chan, then a Chan merge over blocks
+# ---------------------------------------------------------------------------
+
+
+@cuda.jit
+def _k_moments_cols(x, w, use_w, omit, rows, pn, pmu, pm2):
+    """x (A, M, B): partial states over row range ``blockIdx.y`` for feature (a, b)."""
+    tx = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    b = cuda.blockIdx.x * BX + tx
+    p = cuda.blockIdx.y
+    a = cuda.blockIdx.z
+    B = x.shape[2]
+    r0 = p * rows
+    r1 = min(r0 + rows, x.shape[1])
+    n = 0.0
+    mu = 0.0
+    m2 = 0.0
+    if b < B:
+        for r in range(r0 + ty, r1, BY):
+            v = F8(x[a, r, b])
+            wt = F8(w[r]) if use_w else 1.0
+            if wt > 0.0 and not (omit and v != v):
+                n, mu, m2 = _welford(n, mu, m2, v, wt)
+    sn = cuda.shared.array((BY, BX), F8)
+    smu = cuda.shared.array((BY, BX), F8)
+    sm2 = cuda.shared.array((BY, BX), F8)
+    sn[ty, tx] = n
+    smu[ty, tx] = mu
+    sm2[ty, tx] = m2
+    cuda.syncthreads()
+    _tree_chan_y(sn, smu, sm2, ty, tx)
+    if ty == 0 and b < B:
+        f = a * B + b
+        pn[p, f] = sn[0, tx]
+        pmu[p, f] = smu[0, tx]
+        pm2[p, f] = sm2[0, tx]
+
+
+@cuda.jit
+def _k_moments_ncl(x, span, pn, pmu, pm2):
+    """x (N, C, L): partial state of channel ``blockIdx.x`` over values span·blockIdx.y + [0, span)."""
+    c = cuda.blockIdx.x
+    p = cuda.blockIdx.y
+    t = cuda.threadIdx.x
+    L = x.shape[2]
+    j0 = p * span
+    j1 = min(j0 + span, x.shape[0] * L)
+    n = 0.0
+    mu = 0.0
+    m2 = 0.0
+    for j in range(j0 + t, j1, TPB):
+        i = j // L
+        n, mu, m2 = _welford(n, mu, m2, F8(x[i, c, j - i * L]), 1.0)
+    sn = cuda.shared.array(TPB, F8)
+    smu = cuda.shared.array(TPB, F8)
+    sm2 = cuda.shared.array(TPB, F8)
+    sn[t] = n
+    smu[t] = mu
+    sm2[t] = m2
+    cuda.syncthreads()
+    _tree_chan(sn, smu, sm2, t)
+    if t == 0:
+        pn[p, c] = sn[0]
+        pmu[p, c] = smu[0]
+        pm2[p, c] = sm2[0]
+
+
+@cuda.jit
+def _k_merge_partials(pn, pmu, pm2, n, mu, m2):
+    f = cuda.grid(1)
+    if f < pn.shape[1]:
+        a = 0.0
+        b = 0.0
+        c = 0.0
+        for p in range(pn.shape[0]):
+            a, b, c = _chan(a, b, c, pn[p, f], pmu[p, f], pm2[p, f])
+        n[f] = a
+        mu[f] = b
+        m2[f] = c
+
+
+def _partials_cols(x3, w=None, omit=False):
+    A, M, B = x3.shape
+    gx = _blocks(B, BX)
+    P, rows = _split(M, gx * A, BY)
+    parts = [empty((P, A * B)) for _ in range(3)]
+    wd, use_w = _opt(w)
+    _k_moments_cols[(gx, P, A), (BX, BY)](x3, wd, use_w, omit, rows, *parts)
+    return parts
+
+
+def _partials_ncl(x3):
+    N, C, L = x3.shape
+    P, span = _split(N * L, C, TPB)
+    parts = [empty((P, C)) for _ in range(3)]
+    _k_moments_ncl[(C, P), TPB](x3, span, *parts)
+    return parts
+
+
+def moments(x3, cols: bool, w=None, omit: bool = False):
+    """(n, mean, M2) device float64 vectors: of x3 (A, M, B) over M if ``cols``, else of (N, C, L) over N and L."""
+    parts = _partials_cols(x3, w, omit) if cols else _partials_ncl(x3)
+    F = parts[0].shape[1]
+    out = [empty(F) for _ in range(3)]
+    _k_merge_partials[_blocks(F, TPB), TPB](*parts, *out)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Sums for the backward passes: Σdy and Σdy·(x − center[s])·scale[s] per channel
+# The statistic index of value (r, c) is s = r·sn + c // cdiv: BatchNorm (sn=0, cdiv=1)
+# per channel, LayerNorm (sn=1, cdiv=D) per row, GroupNorm (sn=G, cdiv=C/G) per group.
+# ---------------------------------------------------------------------------
+
+
+@cuda.jit(device=True)
+def _centered(xv, s, center, scale, use_center, use_scale):
+    if use_center:
+        xv -= center[s]
+    if use_scale:
+        xv *= scale[s]
+    return xv
+
+
+@cuda.jit
+def _k_sums_cols(dy, x, center, scale, use_center, use_scale, sn, cdiv, rows, p1, p2):
+    """dy, x (M, C): partial (Σdy, Σdy·x̃) per column over row range ``blockIdx.y``."""
+    tx = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    c = cuda.blockIdx.x * BX + tx
+    p = cuda.blockIdx.y
+    C = x.shape[1]
+    r0 = p * rows
+    r1 = min(r0 + rows, x.shape[0])
+    a1 = 0.0
+    a2 = 0.0
+    if c < C:
+        cs = c // cdiv
+        for r in range(r0 + ty, r1, BY):
+            g = F8(dy[r, c])
+            a1 += g
+            a2 += g * _centered(F8(x[r, c]), r * sn + cs, center, scale, use_center, use_scale)
+    acc = cuda.shared.array((2, BY, BX), F8)
+    acc[0, ty, tx] = a1
+    acc[1, ty, tx] = a2
+    cuda.syncthreads()
+    _tree_sum_y(acc, 2, ty, tx)
+    if ty == 0 and c < C:
+        p1[p, c] = acc[0, 0, tx]
+        p2[p, c] = acc[1, 0, tx]
+
+
+@cuda.jit
+def _k_sums_ncl(dy, x, center, scale, use_center, use_scale, sn, cdiv, span, p1, p2):
+    """dy, x (N, C, L): partial (Σdy, Σdy·x̃) of channel ``blockIdx.x`` over a span of its values."""
+    c = cuda.blockIdx.x
+    p = cuda.blockIdx.y
+    t = cuda.threadIdx.x
+    L = x.shape[2]
+    j0 = p * span
+    j1 = min(j0 + span, x.shape[0] * L)
+    cs = c // cdiv
+    a1 = 0.0
+    a2 = 0.0
+    for j in range(j0 + t, j1, TPB):
+        i = j // L
+        l = j - i * L
+        g = F8(dy[i, c, l])
+        a1 += g
+        a2 += g * _centered(F8(x[i, c, l]), i * sn + cs, center, scale, use_center, use_scale)
+    acc = cuda.shared.array((2, TPB), F8)
+    acc[0, t] = a1
+    acc[1, t] = a2
+    cuda.syncthreads()
+    _tree_sum(acc, 2, t)
+    if t == 0:
+        p1[p, c] = acc[0, 0]
+        p2[p, c] = acc[1, 0]
+
+
+@cuda.jit
+def _k_sum_partials(p1, p2, s1, s2):
+    f = cuda.grid(1)
+    if f < p1.shape[1]:
+        a = 0.0
+        b = 0.0
+        for p in range(p1.shape[0]):
+            a += p1[p, f]
+            b += p2[p, f]
+        s1[f] = a
+        s2[f] = b
+
+
+def grad_sums(dy3, x3, cols: bool, center=None, scale=None, sn: int = 0, cdiv: int = 1):
+    """(Σdy, Σdy·(x − center)·scale) per channel, as (C,) float64 device vectors.
+
+    ``cols``: dy3, x3 are (M, C); else (N, C, L).
+    """
+    cd, uc = _opt(center)
+    sd, us = _opt(scale)
+    if cols:
+        M, C = x3.shape
+        gx = _blocks(C, BX)
+        P, rows = _split(M, gx, BY)
+        p1, p2 = empty((P, C)), empty((P, C))
+        _k_sums_cols[(gx, P), (BX, BY)](dy3, x3, cd, sd, uc, us, sn, cdiv, rows, p1, p2)
+    else:
+        N, C, L = x3.shape
+        P, span = _split(N * L, C, TPB)
+        p1, p2 = empty((P, C)), empty((P, C))
+        _k_sums_ncl[(C, P), TPB](dy3, x3, cd, sd, uc, us, sn, cdiv, span, p1, p2)
+    s1, s2 = empty(C), empty(C)
+    _k_sum_partials[_blocks(C, TPB), TPB](p1, p2, s1, s2)
+    return s1, s2
+
+
+# ---------------------------------------------------------------------------
+# BatchNorm
+# ---------------------------------------------------------------------------
+
+
+@cuda.jit
+def _k_bn_finish(pn, pmu, pm2, batch, mean_in, var_in, prior_m, prior_v, p, c, w, b, use_w, use_b, eps,
+                 mean, var, rstd, bmean, bvar, scale, shift):
+    """Per channel: merge the partial states (batch statistics) or take the given ones,
+    blend with the prior, and write the statistics and the affine coefficients."""
+    f = cuda.grid(1)
+    if f < mean.shape[0]:
+        if batch:
+            n = 0.0
+            mu = 0.0
+            m2 = 0.0
+            for q in range(pn.shape[0]):
+                n, mu, m2 = _chan(n, mu, m2, pn[q, f], pmu[q, f], pm2[q, f])
+            bv = m2 / n
+            bmean[f] = mu
+            bvar[f] = bv
+            m = mu
+            v = bv * c
+            if p > 0.0:
+                m = p * prior_m[f] + (1.0 - p) * mu
+                v = p * prior_v[f] + (1.0 - p) * v
+        else:
+            m = mean_in[f]
+            v = var_in[f]
+        r = 1.0 / math.sqrt(v + eps)
+        mean[f] = m
+        var[f] = v
+        rstd[f] = r
+        scale[f] = w[f] * r if use_w else r
+        shift[f] = b[f] if use_b else 0.0
+
+
+@cuda.jit
+def _k_affine(x, mean, scale, shift, C, ch_is_col, y):
+    """y = (x − mean[ch])·scale[ch] + shift[ch] over a 2-D view (R, K): ch = k if
+    ``ch_is_col`` (channels last), else r % C (rows of the (N·C, L) view)."""
+    tx = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    R, Kc = x.shape
+    for r in range(cuda.blockIdx.y * BY + ty, R, cuda.gridDim.y * BY):
+        rc = r % C
+        for k in range(cuda.blockIdx.x * BX + tx, Kc, cuda.gridDim.x * BX):
+            ch = k if ch_is_col else rc
+            y[r, k] = (F8(x[r, k]) - mean[ch]) * scale[ch] + shift[ch]
+
+
+@cuda.jit
+def _k_bn_dx(dy, x, center, k1, k2, k3, C, ch_is_col, batch, dx):
+    """dx = k1·dy (+ k2·(x − center) + k3 with batch statistics), per channel, 2-D view as in _k_affine."""
+    tx = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    R, Kc = x.shape
+    for r in range(cuda.blockIdx.y * BY + ty, R, cuda.gridDim.y * BY):
+        rc = r % C
+        for k in range(cuda.blockIdx.x * BX + tx, Kc, cuda.gridDim.x * BX):
+            ch = k if ch_is_col else rc
+            v = k1[ch] * F8(dy[r, k])
+            if batch:
+                v += k2[ch] * (F8(x[r, k]) - center[ch]) + k3[ch]
+            dx[r, k] = v
+
+
+@cuda.jit
+def _k_bn_bwd_finish(s1, s2, center, mean, rstd, w, use_w, batch, m, q, cvar, dw, k1, k2, k3):
+    f = cuda.grid(1)
+    if f < s1.shape[0]:
+        r = rstd[f]
+        g = w[f] if use_w else 1.0
+        a1 = s1[f]
+        a2 = s2[f]
+        if batch:
+            a2 = a2 + (center[f] - mean[f]) * a1
+        dweight = r * a2
+        dw[f] = dweight
+        kk = g * r
+        k1[f] = kk
+        if batch:
+            k2[f] = -g * r * r * q * cvar * dweight / m
+            k3[f] = -kk * q * a1 / m
+
+
+def _grid2(R: int, K: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    gx = min(_blocks(K, BX), 64)
+    gy = min(_blocks(R, BY), _blocks(TARGET_BLOCKS * 4, gx))
+    return (gx, gy), (BX, BY)
+
+
+def _view2(a, cols: bool):
+    """The 2-D (R, K) view the elementwise kernels walk: (M, C) as is, (N, C, L) as (N·C, L)."""
+    return a if cols else a.reshape(a.shape[0] * a.shape[1], a.shape[2])
+
+
+def bn_forward(x3, cols, y3, w, b, eps, mean_in=None, var_in=None, prior_m=None, prior_v=None, p=0.0, c=1.0):
+    """BatchNorm forward into ``y3``; returns (mean, var, rstd, batch_mean, batch_var) device vectors.
+
+    batch statistics when ``mean_in`` is None (then batch_mean/var are the batch's own,
+    biased), else the given statistics (batch_mean/var None).
+    """
+    C = x3.shape[1]
+    batch = mean_in is None
+    if batch:
+        parts = _partials_cols(x3.reshape(1, *x3.shape)) if cols else _partials_ncl(x3)
+    else:
+        parts = [_dummy().reshape(1, 1)] * 3
+    mean, var, rstd, bmean, bvar, scale, shift = (empty(C) for _ in range(7))
+    wd, uw = _opt(w)
+    bd, ub = _opt(b)
+    mi, _ = _opt(mean_in)
+    vi, _ = _opt(var_in)
+    pm, _ = _opt(prior_m)
+    pv, _ = _opt(prior_v)
+    _k_bn_finish[_blocks(C, TPB), TPB](
+        *parts, batch, mi, vi, pm, pv, float(p), float(c), wd, bd, uw, ub, float(eps),
+        mean, var, rstd, bmean, bvar, scale, shift,
+    )
+    if x3.size:
+        x2, y2 = _view2(x3, cols), _view2(y3, cols)
+        _k_affine[_grid2(*x2.shape)](x2, mean, scale, shift, C, cols, y2)
+    return mean, var, rstd, (bmean if batch else None), (bvar if batch else None)
+
+
+def bn_backward(dy3, x3, cols, dx3, center, mean, rstd, w, batch, m, q, cvar):
+    """BatchNorm backward into ``dx3``; returns (dweight, dbias) device vectors (docs/math.rst)."""
+    C = mean.shape[0]
+    if x3.size:
+        s1, s2 = grad_sums(dy3, x3, cols, center)
+    else:
+        s1, s2 = zeros(C), zeros(C)
+    dw, k1, k2, k3 = (empty(C) for _ in range(4))
+    wd, uw = _opt(w)
+    _k_bn_bwd_finish[_blocks(C, TPB), TPB](s1, s2, center, mean, rstd, wd, uw, batch, float(max(m, 1)), float(q),
+                                           float(cvar), dw, k1, k2, k3)
+    if x3.size:
+        x2, dy2, dx2 = _view2(x3, cols), _view2(dy3, cols), _view2(dx3, cols)
+        _k_bn_dx[_grid2(*x2.shape)](dy2, x2, center, k1, k2, k3, C, cols, batch, dx2)
+    return dw, s1
+
+
+# ---------------------------------------------------------------------------
+# Row normalizations: LayerNorm, RMSNorm, GroupNorm (and InstanceNorm) — one block a row
+# Row r of the (R, D) view belongs to group g = r % G; value j of it to parameter
+# g·Cg + j // L (LayerNorm: G = 1, Cg = D, L = 1).
+# ---------------------------------------------------------------------------
+
+
+@cuda.jit(device=True)
+def _pidx(g, Cg, L, j):
+    return g * Cg + (j if L == 1 else j // L)
+
+
+@cuda.jit
+def _k_row_fwd(x, w, b, use_w, use_b, eps, center, G, Cg, L, y, mean, var, rstd):
+    r = cuda.blockIdx.x
+    t = cuda.threadIdx.x
+    D = x.shape[1]
+    n = 0.0
+    mu = 0.0
+    m2 = 0.0
+    for j in range(t, D, TPB):
+        v = F8(x[r, j])
+        if center:
+            n, mu, m2 = _welford(n, mu, m2, v, 1.0)
+        else:
+            m2 += v * v
+    sn = cuda.shared.array(TPB, F8)
+    smu = cuda.shared.array(TPB, F8)
+    sm2 = cuda.shared.array(TPB, F8)
+    sn[t] = n
+    smu[t] = mu
+    sm2[t] = m2
+    cuda.syncthreads()
+    if center:
+        _tree_chan(sn, smu, sm2, t)
+        m = smu[0]
+    else:
+        s = TPB // 2
+        while s > 0:
+            if t < s:
+                sm2[t] += sm2[t + s]
+            cuda.syncthreads()
+            s //= 2
+        m = 0.0
+    v = sm2[0] / D
+    rs = 1.0 / math.sqrt(v + eps)
+    if t == 0:
+        mean[r] = m
+        var[r] = v
+        rstd[r] = rs
+    g = r % G
+    for j in range(t, D, TPB):
+        p = _pidx(g, Cg, L, j)
+        o = (F8(x[r, j]) - m) * rs
+        if use_w:
+            o *= w[p]
+        if use_b:
+            o += b[p]
+        y[r, j] = o
+
+
+@cuda.jit
+def _k_row_bwd(dy, x, w, use_w, mean, rstd, center, G, Cg, L, dx):
+    r = cuda.blockIdx.x
+    t = cuda.threadIdx.x
+    D = x.shape[1]
+    m = mean[r]
+    rs = rstd[r]
+    g = r % G
+    a1 = 0.0
+    a2 = 0.0
+    for j in range(t, D, TPB):
+        gv = F8(dy[r, j])
+        if use_w:
+            gv *= w[_pidx(g, Cg, L, j)]
+        a1 += gv
+        a2 += gv * (F8(x[r, j]) - m) * rs
+    acc = cuda.shared.array((2, TPB), F8)
+    acc[0, t] = a1
+    acc[1, t] = a2
+    cuda.syncthreads()
+    _tree_sum(acc, 2, t)
+    sg = acc[0, 0]
+    sgx = acc[1, 0]
+    for j in range(t, D, TPB):
+        gv = F8(dy[r, j])
+        if use_w:
+            gv *= w[_pidx(g, Cg, L, j)]
+        xh = (F8(x[r, j]) - m) * rs
+        if center:
+            dx[r, j] = (rs / D) * (D * gv - sg - xh * sgx)
+        else:
+            dx[r, j] = rs * (gv - xh * sgx / D)
+
+
+def row_forward(x2, y2, w, b, eps, center, G=1, Cg=None, L=1):
+    """Row normalization of x2 (R, D) into y2; returns (mean, var, rstd) (R,) device vectors."""
+    R, D = x2.shape
+    mean, var, rstd = empty(R), empty(R), empty(R)
+    wd, uw = _opt(w)
+    bd, ub = _opt(b)
+    if R and D:
+        _k_row_fwd[R, TPB](x2, wd, bd, uw, ub, float(eps), bool(center), G, D if Cg is None else Cg, L,
+                           y2, mean, var, rstd)
+    return mean, var, rstd
+
+
+def row_backward(dy2, x2, dx2, w, mean, rstd, center, G=1, Cg=None, L=1):
+    """Row normalization backward into dx2 (R, D); returns per-parameter (dweight, dbias).
+
+    LayerNorm/RMSNorm (G = 1): (D,) vectors.  GroupNorm: (C,) vectors, C = G·Cg.
+    """
+    R, D = x2.shape
+    wd, uw = _opt(w)
+    Cg = D if Cg is None else Cg
+    if R and D:
+        _k_row_bwd[R, TPB](dy2, x2, wd, uw, mean, rstd, bool(center), G, Cg, L, dx2)
+    cen = mean if center else None
+    if G == 1 and L == 1:  # parameters index columns: a column reduction with per-row statistics
+        if R == 0:
+            return zeros(D), zeros(D)
+        db, dw = grad_sums(dy2, x2, True, cen, rstd, sn=1, cdiv=D)
+        return dw, db
+    N = R // G
+    C = G * Cg
+    if N == 0:
+        return zeros(C), zeros(C)
+    if L == 1:  # (N, C): channels are columns
+        db, dw = grad_sums(dy2.reshape(N, C), x2.reshape(N, C), True, cen, rstd, sn=G, cdiv=Cg)
+    else:
+        db, dw = grad_sums(dy2.reshape(N, C, L), x2.reshape(N, C, L), False, cen, rstd, sn=G, cdiv=Cg)
+    return dw, db
+
+
+# ---------------------------------------------------------------------------
+# Small per-channel and elementwise kernels
+# ---------------------------------------------------------------------------
+
+
+@cuda.jit
+def _k_lerp(dst, src, fa, fs, k):
+    """dst = fa·dst + fs·(src·k), the running-statistics update."""
+    i = cuda.grid(1)
+    if i < dst.shape[0]:
+        dst[i] = fa * dst[i] + fs * (src[i] * k)
+
+
+def lerp_(dst, src, fa: float, fs: float, k: float = 1.0) -> None:
+    n = dst.shape[0]
+    if n:
+        _k_lerp[_blocks(n, TPB), TPB](dst, src, float(fa), float(fs), float(k))
+
+
+@cuda.jit
+def _k_divide(src, d, out):
+    i = cuda.grid(1)
+    if i < src.shape[0]:
+        out[i] = src[i] / d
+
+
+def divide(src, d: float):
+    out = empty(src.shape[0])
+    if src.shape[0]:
+        _k_divide[_blocks(src.shape[0], TPB), TPB](src, float(d), out)
+    return out
+
+
+@cuda.jit
+def _k_instance_running(mean_nc, var_nc, k, out_m, out_v):
+    """Per channel: the average over samples of the instance means and of var·k."""
+    c = cuda.grid(1)
+    N, C = mean_nc.shape
+    if c < C:
+        a = 0.0
+        b = 0.0
+        for n in range(N):
+            a += mean_nc[n, c]
+            b += var_nc[n, c] * k
+        out_m[c] = a / N
+        out_v[c] = b / N
+
+
+def instance_running(mean_nc, var_nc, k: float):
+    N, C = mean_nc.shape
+    m, v = empty(C), empty(C)
+    _k_instance_running[_blocks(C, TPB), TPB](mean_nc, var_nc, float(k), m, v)
+    return m, v
+
+
+@cuda.jit
+def _k_clip(a, lim, out):
+    i = cuda.grid(1)
+    if i < a.shape[0]:
+        out[i] = min(max(a[i], -lim), lim)
+
+
+@cuda.jit
+def _k_clip_grad(g, a, lim, out):
+    i = cuda.grid(1)
+    if i < a.shape[0]:
+        out[i] = 0.0 if abs(a[i]) > lim else g[i]
+
+
+def clip(a, lim: float):
+    out = empty(a.shape, a.dtype)
+    n = a.size
+    if n:
+        _k_clip[_blocks(n, TPB), TPB](_flat(a), float(lim), _flat(out))
+    return out
+
+
+def clip_grad(g, a, lim: float):
+    out = empty(a.shape, g.dtype)
+    n = a.size
+    if n:
+        _k_clip_grad[_blocks(n, TPB), TPB](_flat(g), _flat(a), float(lim), _flat(out))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Online Normalization: sequential over time, parallel over channels (and over the L
+# values of a channel within a block)
+# ---------------------------------------------------------------------------
+
+
+@cuda.jit
+def _k_online_fwd_cols(x, mu, var, a, eps, w, b, use_w, use_b, y):
+    c = cuda.grid(1)
+    if c < x.shape[1]:
+        m = mu[c]
+        v = var[c]
+        g = w[c] if use_w else 1.0
+        bb = b[c] if use_b else 0.0
+        for n in range(x.shape[0]):
+            xv = F8(x[n, c])
+            y[n, c] = (xv - m) * (g / math.sqrt(v + eps)) + bb
+            d = xv - m
+            m = m + (1.0 - a) * d
+            v = a * v + a * (1.0 - a) * d * d
+        mu[c] = m
+        var[c] = v
+
+
+@cuda.jit
+def _k_online_fwd_ncl(x, mu, var, a, eps, w, b, use_w, use_b, y):
+    c = cuda.blockIdx.x
+    t = cuda.threadIdx.x
+    L = x.shape[2]
+    m = mu[c]
+    v = var[c]
+    g = w[c] if use_w else 1.0
+    bb = b[c] if use_b else 0.0
+    sn = cuda.shared.array(TPB, F8)
+    smu = cuda.shared.array(TPB, F8)
+    sm2 = cuda.shared.array(TPB, F8)
+    for n in range(x.shape[0]):
+        k = g / math.sqrt(v + eps)
+        qn = 0.0
+        qm = 0.0
+        q2 = 0.0
+        for l in range(t, L, TPB):
+            xv = F8(x[n, c, l])
+            y[n, c, l] = (xv - m) * k + bb
+            qn, qm, q2 = _welford(qn, qm, q2, xv, 1.0)
+        sn[t] = qn
+        smu[t] = qm
+        sm2[t] = q2
+        cuda.syncthreads()
+        _tree_chan(sn, smu, sm2, t)
+        mt = smu[0]
+        st = sm2[0] / L
+        cuda.syncthreads()
+        d = mt - m
+        m = m + (1.0 - a) * d
+        v = a * v + (1.0 - a) * st + a * (1.0 - a) * d * d
+    if t == 0:
+        mu[c] = m
+        var[c] = v
+
+
+@cuda.jit
+def _k_online_bwd_cols(gout, x, mu, var, u, vc, a, ab, eps, w, use_w, update, dx, dw, db):
+    c = cuda.grid(1)
+    if c < x.shape[1]:
+        cb = 1.0 - ab
+        m = mu[c]
+        vv = var[c]
+        uc = u[c]
+        vcc = vc[c]
+        g = w[c] if use_w else 1.0
+        sw = 0.0
+        sb = 0.0
+        for n in range(x.shape[0]):
+            inv = 1.0 / math.sqrt(vv + eps)
+            xv = F8(x[n, c])
+            y = (xv - m) * inv
+            go = F8(gout[n, c])
+            sw += go * y
+            sb += go
+            if update:
+                gt = go * g - cb * vcc * y
+                vcc += gt * y
+                d = gt * inv - cb * uc
+                dx[n, c] = d
+                uc += d
+                dd = xv - m
+                m = m + (1.0 - a) * dd
+                vv = a * vv + a * (1.0 - a) * dd * dd
+            else:
+                dx[n, c] = go * g * inv
+        dw[c] = sw
+        db[c] = sb
+        u[c] = uc
+        vc[c] = vcc
+
+
+@cuda.jit
+def _k_online_bwd_ncl(gout, x, mu, var, u, vc, a, ab, eps, w, use_w, update, dx, dw, db):
+    c = cuda.blockIdx.x
+    t = cuda.threadIdx.x
+    L = x.shape[2]
+    cb = 1.0 - ab
+    m = mu[c]
+    vv = var[c]
+    uc = u[c]
+    vcc = vc[c]
+    g = w[c] if use_w else 1.0
+    sw = 0.0
+    sb = 0.0
+    acc = cuda.shared.array((4, TPB), F8)
+    sn = cuda.shared.array(TPB, F8)
+    smu = cuda.shared.array(TPB, F8)
+    sm2 = cuda.shared.array(TPB, F8)
+    for n in range(x.shape[0]):
+        inv = 1.0 / math.sqrt(vv + eps)
+        a_gy = 0.0
+        a_dyy = 0.0
+        a_dy = 0.0
+        a_u = 0.0
+        qn = 0.0
+        qm = 0.0
+        q2 = 0.0
+        for l in range(t, L, TPB):
+            xv = F8(x[n, c, l])
+            y = (xv - m) * inv
+            go = F8(gout[n, c, l])
+            a_dy += go
+            a_dyy += go * y
+            if update:
+                gt = go * g - cb * vcc * y
+                a_gy += gt * y
+                d = gt * inv - cb * uc
+                dx[n, c, l] = d
+                a_u += d
+                qn, qm, q2 = _welford(qn, qm, q2, xv, 1.0)
+            else:
+                dx[n, c, l] = go * g * inv
+        acc[0, t] = a_gy
+        acc[1, t] = a_dyy
+        acc[2, t] = a_dy
+        acc[3, t] = a_u
+        sn[t] = qn
+        smu[t] = qm
+        sm2[t] = q2
+        cuda.syncthreads()
+        _tree_sum(acc, 4, t)
+        if update:
+            _tree_chan(sn, smu, sm2, t)
+        sw += acc[1, 0]
+        sb += acc[2, 0]
+        if update:
+            vcc = vcc + acc[0, 0] / L
+            uc = uc + acc[3, 0] / L
+            d = smu[0] - m
+            m = m + (1.0 - a) * d
+            vv = a * vv + (1.0 - a) * (sm2[0] / L) + a * (1.0 - a) * d * d
+        cuda.syncthreads()
+    if t == 0:
+        dw[c] = sw
+        db[c] = sb
+        u[c] = uc
+        vc[c] = vcc
+
+
+def online_forward(x3, y3, mu, var, alpha, eps, w, b):
+    """Advance mu, var (C,) float64 device vectors in place over x3 (N, C, L); writes y3."""
+    N, C, L = x3.shape
+    wd, uw = _opt(w)
+    bd, ub = _opt(b)
+    if L == 1:
+        _k_online_fwd_cols[_blocks(C, TPB), TPB](x3.reshape(N, C), mu, var, float(alpha), float(eps), wd, bd, uw, ub,
+                                                 y3.reshape(N, C))
+    else:
+        _k_online_fwd_ncl[C, TPB](x3, mu, var, float(alpha), float(eps), wd, bd, uw, ub, y3)
+
+
+def online_backward(g3, x3, dx3, mu, var, u, v, alpha, alpha_b, eps, w, update):
+    """Replay the forward from (mu, var) and run the control process; u, v advance in place.
+
+    Returns (dweight, dbias) (C,) device vectors; mu and var are consumed (advanced).
+    """
+    N, C, L = x3.shape
+    wd, uw = _opt(w)
+    dw, db = empty(C), empty(C)
+    args = (mu, var, u, v, float(alpha), float(alpha_b), float(eps), wd, uw, bool(update))
+    if L == 1:
+        _k_online_bwd_cols[_blocks(C, TPB), TPB](g3.reshape(N, C), x3.reshape(N, C), *args, dx3.reshape(N, C), dw, db)
+    else:
+        _k_online_bwd_ncl[C, TPB](g3, x3, *args, dx3, dw, db)
+    return dw, db
