@@ -1,4 +1,4 @@
-"""Command line: ``python -m streamnorm demo`` and ``python -m streamnorm bench``."""
+"""Command line: ``python -m streamnorm {demo,bench,bench-dask,bench-gpu}``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    usage = "usage: python -m streamnorm {demo,bench,bench-dask} [options]   (python -m streamnorm demo --help)"
+    usage = "usage: python -m streamnorm {demo,bench,bench-dask,bench-gpu} [options]   (python -m streamnorm demo --help)"
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return 0 if argv else 2
@@ -20,6 +20,10 @@ def main(argv: list[str] | None = None) -> int:
         from ._bench_dask import main as bench_dask
 
         return bench_dask(rest)
+    if cmd == "bench-gpu":
+        from ._bench_gpu import main as bench_gpu
+
+        return bench_gpu(rest)
     if cmd == "bench":
         from ._bench import main as bench
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 
 import numpy as np
 
@@ -79,7 +80,11 @@ def as_device(x, name: str = "x", float_only: bool = True):
     elif SIMULATOR:
         raise TypeError(f"{name} is a real GPU array, but numba's CUDA simulator is active (NUMBA_ENABLE_CUDASIM=1)")
     else:  # pragma: no cover - needs a GPU
-        d = cuda.as_cuda_array(x)
+        # Work is queued on the legacy default stream, which is ordered after every
+        # blocking stream: only an array produced on another stream needs the host to
+        # wait for that stream first.
+        stream = getattr(x, "__cuda_array_interface__", {}).get("stream")
+        d = cuda.as_cuda_array(x, sync=stream not in (None, 1))
     if float_only and d.dtype not in (np.float32, np.float64):
         raise TypeError(f"{name} on the GPU has dtype {d.dtype}; streamnorm's GPU kernels take float32 or float64")
     if d.size and not d.is_c_contiguous():
@@ -101,6 +106,54 @@ def like(template, d):
 
 def empty(shape, dtype=np.float64):
     return cuda.device_array(shape, dtype=dtype)
+
+
+def output(template, shape, dtype):
+    """A new array for a result: ``(object handed to the caller, numba view of it)``.
+
+    It is allocated by the library the template comes from, so PyTorch and CuPy users
+    get their caching allocators (and their own array type back, without a copy).
+    """
+    shape = tuple(int(s) for s in shape)
+    dtype = np.dtype(dtype)
+    mod = type(template).__module__.split(".")[0]
+    if mod == "torch":  # pragma: no cover - needs a GPU
+        torch = sys.modules["torch"]
+        obj = torch.empty(shape, dtype=getattr(torch, dtype.name), device=template.device)
+    elif mod == "cupy":  # pragma: no cover - needs a GPU
+        with sys.modules["cupy"].cuda.Device(template.device.id):
+            obj = sys.modules["cupy"].empty(shape, dtype=dtype)
+    else:
+        d = empty(shape, dtype)
+        return d, d
+    return obj, as_device(obj, float_only=False)
+
+
+def vectors(template, k: int, n: int):
+    """k float64 vectors of length n in one allocation: (caller's kinds, numba views)."""
+    obj, d = output(template, (k, n), np.float64)
+    return [obj[i] for i in range(k)], [d[i] for i in range(k)]
+
+
+_SCRATCH = threading.local()
+
+
+def scratch(*shapes):
+    """float64 work arrays that live only within one call, carved from a per-thread buffer.
+
+    Kernels run in stream order, so a later call reuses the buffer only after every
+    kernel of the earlier call that reads it has run.
+    """
+    sizes = [int(np.prod(s)) for s in shapes]
+    need = max(1, sum(sizes))
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.size < need:
+        buf = _SCRATCH.buf = empty(max(need, 2 * (0 if buf is None else buf.size)))
+    out, o = [], 0
+    for shp, sz in zip(shapes, sizes):
+        out.append(buf[o : o + sz].reshape(*shp) if sz else empty(shp))
+        o += sz
+    return out
 
 
 def zeros(shape, dtype=np.float64):
@@ -292,7 +345,7 @@ def _partials_cols(x3, w=None, omit=False):
     A, M, B = x3.shape
     gx = _blocks(B, BX)
     P, rows = _split(M, gx * A, BY)
-    parts = [empty((P, A * B)) for _ in range(3)]
+    parts = scratch(*[(P, A * B)] * 3)
     wd, use_w = _opt(w)
     _k_moments_cols[(gx, P, A), (BX, BY)](x3, wd, use_w, omit, rows, *parts)
     return parts
@@ -301,16 +354,16 @@ def _partials_cols(x3, w=None, omit=False):
 def _partials_ncl(x3):
     N, C, L = x3.shape
     P, span = _split(N * L, C, TPB)
-    parts = [empty((P, C)) for _ in range(3)]
+    parts = scratch(*[(P, C)] * 3)
     _k_moments_ncl[(C, P), TPB](x3, span, *parts)
     return parts
 
 
-def moments(x3, cols: bool, w=None, omit: bool = False):
+def moments(x3, cols: bool, w=None, omit: bool = False, template=None):
     """(n, mean, M2) device float64 vectors: of x3 (A, M, B) over M if ``cols``, else of (N, C, L) over N and L."""
     parts = _partials_cols(x3, w, omit) if cols else _partials_ncl(x3)
     F = parts[0].shape[1]
-    out = [empty(F) for _ in range(3)]
+    out = vectors(template, 3, F)[1]
     _k_merge_partials[_blocks(F, TPB), TPB](*parts, *out)
     return out
 
@@ -400,10 +453,10 @@ def _k_sum_partials(p1, p2, s1, s2):
         s2[f] = b
 
 
-def grad_sums(dy3, x3, cols: bool, center=None, scale=None, sn: int = 0, cdiv: int = 1):
+def grad_sums(dy3, x3, cols: bool, center=None, scale=None, sn: int = 0, cdiv: int = 1, out=None):
     """(Σdy, Σdy·(x − center)·scale) per channel, as (C,) float64 device vectors.
 
-    ``cols``: dy3, x3 are (M, C); else (N, C, L).
+    ``cols``: dy3, x3 are (M, C); else (N, C, L).  ``out``: two (C,) vectors to write.
     """
     cd, uc = _opt(center)
     sd, us = _opt(scale)
@@ -411,14 +464,14 @@ def grad_sums(dy3, x3, cols: bool, center=None, scale=None, sn: int = 0, cdiv: i
         M, C = x3.shape
         gx = _blocks(C, BX)
         P, rows = _split(M, gx, BY)
-        p1, p2 = empty((P, C)), empty((P, C))
+        p1, p2 = scratch((P, C), (P, C))
         _k_sums_cols[(gx, P), (BX, BY)](dy3, x3, cd, sd, uc, us, sn, cdiv, rows, p1, p2)
     else:
         N, C, L = x3.shape
         P, span = _split(N * L, C, TPB)
-        p1, p2 = empty((P, C)), empty((P, C))
+        p1, p2 = scratch((P, C), (P, C))
         _k_sums_ncl[(C, P), TPB](dy3, x3, cd, sd, uc, us, sn, cdiv, span, p1, p2)
-    s1, s2 = empty(C), empty(C)
+    s1, s2 = vectors(None, 2, C)[1] if out is None else out
     _k_sum_partials[_blocks(C, TPB), TPB](p1, p2, s1, s2)
     return s1, s2
 
@@ -520,7 +573,8 @@ def _view2(a, cols: bool):
     return a if cols else a.reshape(a.shape[0] * a.shape[1], a.shape[2])
 
 
-def bn_forward(x3, cols, y3, w, b, eps, mean_in=None, var_in=None, prior_m=None, prior_v=None, p=0.0, c=1.0):
+def bn_forward(x3, cols, y3, w, b, eps, mean_in=None, var_in=None, prior_m=None, prior_v=None, p=0.0, c=1.0,
+               template=None):
     """BatchNorm forward into ``y3``; returns (mean, var, rstd, batch_mean, batch_var) device vectors.
 
     batch statistics when ``mean_in`` is None (then batch_mean/var are the batch's own,
@@ -532,7 +586,7 @@ def bn_forward(x3, cols, y3, w, b, eps, mean_in=None, var_in=None, prior_m=None,
         parts = _partials_cols(x3.reshape(1, *x3.shape)) if cols else _partials_ncl(x3)
     else:
         parts = [_dummy().reshape(1, 1)] * 3
-    mean, var, rstd, bmean, bvar, scale, shift = (empty(C) for _ in range(7))
+    mean, var, rstd, bmean, bvar, scale, shift = vectors(template, 7, C)[1]
     wd, uw = _opt(w)
     bd, ub = _opt(b)
     mi, _ = _opt(mean_in)
@@ -549,14 +603,15 @@ def bn_forward(x3, cols, y3, w, b, eps, mean_in=None, var_in=None, prior_m=None,
     return mean, var, rstd, (bmean if batch else None), (bvar if batch else None)
 
 
-def bn_backward(dy3, x3, cols, dx3, center, mean, rstd, w, batch, m, q, cvar):
+def bn_backward(dy3, x3, cols, dx3, center, mean, rstd, w, batch, m, q, cvar, template=None):
     """BatchNorm backward into ``dx3``; returns (dweight, dbias) device vectors (docs/math.rst)."""
     C = mean.shape[0]
+    s1, s2, dw, k1, k2, k3 = vectors(template, 6, C)[1]
     if x3.size:
-        s1, s2 = grad_sums(dy3, x3, cols, center)
+        grad_sums(dy3, x3, cols, center, out=(s1, s2))
     else:
-        s1, s2 = zeros(C), zeros(C)
-    dw, k1, k2, k3 = (empty(C) for _ in range(4))
+        s1.copy_to_device(np.zeros(C))
+        s2.copy_to_device(np.zeros(C))
     wd, uw = _opt(w)
     _k_bn_bwd_finish[_blocks(C, TPB), TPB](s1, s2, center, mean, rstd, wd, uw, batch, float(max(m, 1)), float(q),
                                            float(cvar), dw, k1, k2, k3)
@@ -661,10 +716,10 @@ def _k_row_bwd(dy, x, w, use_w, mean, rstd, center, G, Cg, L, dx):
             dx[r, j] = rs * (gv - xh * sgx / D)
 
 
-def row_forward(x2, y2, w, b, eps, center, G=1, Cg=None, L=1):
+def row_forward(x2, y2, w, b, eps, center, G=1, Cg=None, L=1, template=None):
     """Row normalization of x2 (R, D) into y2; returns (mean, var, rstd) (R,) device vectors."""
     R, D = x2.shape
-    mean, var, rstd = empty(R), empty(R), empty(R)
+    mean, var, rstd = vectors(template, 3, R)[1]
     wd, uw = _opt(w)
     bd, ub = _opt(b)
     if R and D:
@@ -673,7 +728,7 @@ def row_forward(x2, y2, w, b, eps, center, G=1, Cg=None, L=1):
     return mean, var, rstd
 
 
-def row_backward(dy2, x2, dx2, w, mean, rstd, center, G=1, Cg=None, L=1):
+def row_backward(dy2, x2, dx2, w, mean, rstd, center, G=1, Cg=None, L=1, template=None):
     """Row normalization backward into dx2 (R, D); returns per-parameter (dweight, dbias).
 
     LayerNorm/RMSNorm (G = 1): (D,) vectors.  GroupNorm: (C,) vectors, C = G·Cg.
@@ -687,16 +742,18 @@ def row_backward(dy2, x2, dx2, w, mean, rstd, center, G=1, Cg=None, L=1):
     if G == 1 and L == 1:  # parameters index columns: a column reduction with per-row statistics
         if R == 0:
             return zeros(D), zeros(D)
-        db, dw = grad_sums(dy2, x2, True, cen, rstd, sn=1, cdiv=D)
+        db, dw = grad_sums(dy2, x2, True, cen, rstd, sn=1, cdiv=D, out=vectors(template, 2, D)[1])
         return dw, db
     N = R // G
     C = G * Cg
     if N == 0:
         return zeros(C), zeros(C)
     if L == 1:  # (N, C): channels are columns
-        db, dw = grad_sums(dy2.reshape(N, C), x2.reshape(N, C), True, cen, rstd, sn=G, cdiv=Cg)
+        db, dw = grad_sums(dy2.reshape(N, C), x2.reshape(N, C), True, cen, rstd, sn=G, cdiv=Cg,
+                           out=vectors(template, 2, C)[1])
     else:
-        db, dw = grad_sums(dy2.reshape(N, C, L), x2.reshape(N, C, L), False, cen, rstd, sn=G, cdiv=Cg)
+        db, dw = grad_sums(dy2.reshape(N, C, L), x2.reshape(N, C, L), False, cen, rstd, sn=G, cdiv=Cg,
+                           out=vectors(template, 2, C)[1])
     return dw, db
 
 
@@ -769,8 +826,8 @@ def _k_clip_grad(g, a, lim, out):
         out[i] = 0.0 if abs(a[i]) > lim else g[i]
 
 
-def clip(a, lim: float):
-    out = empty(a.shape, a.dtype)
+def clip(a, lim: float, out=None):
+    out = empty(a.shape, a.dtype) if out is None else out
     n = a.size
     if n:
         _k_clip[_blocks(n, TPB), TPB](_flat(a), float(lim), _flat(out))
@@ -962,14 +1019,14 @@ def online_forward(x3, y3, mu, var, alpha, eps, w, b):
         _k_online_fwd_ncl[C, TPB](x3, mu, var, float(alpha), float(eps), wd, bd, uw, ub, y3)
 
 
-def online_backward(g3, x3, dx3, mu, var, u, v, alpha, alpha_b, eps, w, update):
+def online_backward(g3, x3, dx3, mu, var, u, v, alpha, alpha_b, eps, w, update, template=None):
     """Replay the forward from (mu, var) and run the control process; u, v advance in place.
 
     Returns (dweight, dbias) (C,) device vectors; mu and var are consumed (advanced).
     """
     N, C, L = x3.shape
     wd, uw = _opt(w)
-    dw, db = empty(C), empty(C)
+    dw, db = vectors(template, 2, C)[1]
     args = (mu, var, u, v, float(alpha), float(alpha_b), float(eps), wd, uw, bool(update))
     if L == 1:
         _k_online_bwd_cols[_blocks(C, TPB), TPB](g3.reshape(N, C), x3.reshape(N, C), *args, dx3.reshape(N, C), dw, db)

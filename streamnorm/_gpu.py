@@ -42,16 +42,17 @@ def _vec(v, n: int, name: str):
     return d.reshape(n)
 
 
-def _out(out, xd, name: str = "out"):
-    """A new device array like xd, or ``out`` checked: GPU, same shape and dtype, C-contiguous."""
+def _out(out, x, xd, name: str = "out"):
+    """(object returned, device view): a new array of x's kind, shape and dtype, or
+    ``out`` checked (on the GPU, same shape and dtype, C-contiguous)."""
     if out is None:
-        return C.empty(xd.shape, xd.dtype)
+        return C.output(x, xd.shape, xd.dtype)
     if not is_device(out):
         raise TypeError(f"{name} must be a GPU array when x is on the GPU")
     od = C.as_device(out, name)
-    if od.shape != xd.shape or od.dtype != xd.dtype:
+    if tuple(od.shape) != tuple(xd.shape) or od.dtype != xd.dtype:
         raise ValueError(f"{name} has shape {od.shape} and dtype {od.dtype}; expected {xd.shape} and {xd.dtype}")
-    return od
+    return out, od
 
 
 def _result_dtype(a, b):
@@ -75,7 +76,7 @@ def batch_moments(x, axis: int = 1):
     if count == 0 or c == 0:
         nan = C.to_device(np.full(c, np.nan))
         return 0, nan, C.copy(nan)
-    _, mu, m2 = C.moments(xd.reshape(1, n, c) if l == 1 else xd.reshape(n, c, l), l == 1)
+    _, mu, m2 = C.moments(xd.reshape(1, n, c) if l == 1 else xd.reshape(n, c, l), l == 1, template=x)
     return count, C.like(x, mu), C.like(x, C.divide(m2, float(count)))
 
 
@@ -110,24 +111,25 @@ def batch_norm_forward(x, weight, bias, *, mean, var, eps, axis, prior_mean, pri
                 raise ValueError("prior_weight > 0 needs prior_mean and prior_var")
     else:
         mi, vi = _vec(mean, c, "mean"), _vec(var, c, "var")
-    y = _out(out, xd)
+    yo, y = _out(out, x, xd)
     y3 = y.reshape(x3.shape)
-    mu, v, rstd, bmu, bvar = C.bn_forward(x3, cols, y3, w, b, eps, mi, vi, pm, pv, p if batch_stats else 0.0, cf)
-    cache = BatchNormCache(x3, cols, mu, v, rstd, w, count, batch_stats, shape, bmu, bvar, p if batch_stats else 0.0, cf)
-    return C.like(x, y), cache
+    pw = p if batch_stats else 0.0
+    mu, v, rstd, bmu, bvar = C.bn_forward(x3, cols, y3, w, b, eps, mi, vi, pm, pv, pw, cf, template=x)
+    cache = BatchNormCache(x3, cols, mu, v, rstd, w, count, batch_stats, shape, bmu, bvar, pw, cf)
+    return yo, cache
 
 
 def batch_norm_backward(dy, cache: BatchNormCache):
     x3 = cache.x3
     d = _dy(dy, cache.shape)
     dy3 = d.reshape(x3.shape)
-    dx3 = C.empty(x3.shape, _result_dtype(x3, d))
+    dxo, dx = C.output(dy, cache.shape, _result_dtype(x3, d))
     center = cache.batch_mean if cache.batch_stats else cache.mean
     dw, db = C.bn_backward(
-        dy3, x3, cache.cols, dx3, center, cache.mean, cache.rstd, cache.weight, cache.batch_stats,
-        cache.count, 1.0 - cache.prior_weight, cache.var_factor,
+        dy3, x3, cache.cols, dx.reshape(x3.shape), center, cache.mean, cache.rstd, cache.weight, cache.batch_stats,
+        cache.count, 1.0 - cache.prior_weight, cache.var_factor, template=dy,
     )
-    return C.like(dy, dx3.reshape(cache.shape)), C.like(dy, dw), C.like(dy, db)
+    return dxo, C.like(dy, dw), C.like(dy, db)
 
 
 # --------------------------------------------------------------- row normalizations
@@ -148,21 +150,22 @@ def rownorm_forward(x, normalized_shape, weight, bias, eps, center, out):
     x2 = xd.reshape(R, D)
     w = _vec(weight, D, "weight")
     b = _vec(bias, D, "bias")
-    y = _out(out, xd)
-    mean, _, rstd = C.row_forward(x2, y.reshape(R, D), w, b, eps, center)
+    yo, y = _out(out, x, xd)
+    mean, _, rstd = C.row_forward(x2, y.reshape(R, D), w, b, eps, center, template=x)
     cache = RowNormCache(x2, mean, rstd, w, w is not None, b is not None, center, ns, shape)
-    return C.like(x, y), cache
+    return yo, cache
 
 
 def rownorm_backward(dy, cache: RowNormCache):
     x2 = cache.x2
     d = _dy(dy, cache.shape)
-    dx = C.empty(x2.shape, _result_dtype(x2, d))
-    dw, db = C.row_backward(d.reshape(x2.shape), x2, dx, cache.weight, cache.mean, cache.rstd, cache.center)
+    dxo, dx = C.output(dy, cache.shape, _result_dtype(x2, d))
+    dw, db = C.row_backward(d.reshape(x2.shape), x2, dx.reshape(x2.shape), cache.weight, cache.mean, cache.rstd,
+                            cache.center, template=dy)
     ns = cache.normalized_shape
     dweight = C.like(dy, dw.reshape(ns)) if cache.has_weight else None
     dbias = C.like(dy, db.reshape(ns)) if cache.has_bias else None
-    return C.like(dy, dx.reshape(cache.shape)), dweight, dbias
+    return dxo, dweight, dbias
 
 
 def group_norm_forward(x, num_groups, weight, bias, eps, out):
@@ -179,9 +182,9 @@ def group_norm_forward(x, num_groups, weight, bias, eps, out):
     x2 = xd.reshape(N * G, (Ch // G) * L)
     w = _vec(weight, Ch, "weight")
     b = _vec(bias, Ch, "bias")
-    y = _out(out, xd)
-    mean, var, rstd = C.row_forward(x2, y.reshape(x2.shape), w, b, eps, True, G, Ch // G, L)
-    return C.like(x, y), GroupNormCache(x2, mean, rstd, var, w, G, shape)
+    yo, y = _out(out, x, xd)
+    mean, var, rstd = C.row_forward(x2, y.reshape(x2.shape), w, b, eps, True, G, Ch // G, L, template=x)
+    return yo, GroupNormCache(x2, mean, rstd, var, w, G, shape)
 
 
 def group_norm_backward(dy, cache: GroupNormCache):
@@ -190,9 +193,10 @@ def group_norm_backward(dy, cache: GroupNormCache):
     N, Ch = cache.shape[:2]
     G = cache.num_groups
     L = x2.shape[1] // (Ch // G) if Ch else 1
-    dx = C.empty(x2.shape, _result_dtype(x2, d))
-    dw, db = C.row_backward(d.reshape(x2.shape), x2, dx, cache.weight, cache.mean, cache.rstd, True, G, Ch // G, L)
-    return C.like(dy, dx.reshape(cache.shape)), C.like(dy, dw), C.like(dy, db)
+    dxo, dx = C.output(dy, cache.shape, _result_dtype(x2, d))
+    dw, db = C.row_backward(d.reshape(x2.shape), x2, dx.reshape(x2.shape), cache.weight, cache.mean, cache.rstd,
+                            True, G, Ch // G, L, template=dy)
+    return dxo, C.like(dy, dw), C.like(dy, db)
 
 
 # ------------------------------------------------------------------- OnlineNorm
@@ -217,7 +221,8 @@ def online_norm_forward(x, mu, var, weight, bias, *, alpha_fwd, eps, training, e
     eps = check_positive_float(eps, "eps")
     w = _vec(weight, Ch, "weight")
     b = _vec(bias, Ch, "bias")
-    y3 = C.empty(x3.shape, xd.dtype)
+    yo, y = C.output(x, shape, xd.dtype)
+    y3 = y.reshape(x3.shape)
     new_mu, new_var = C.copy(mu0), C.copy(var0)
     if x3.size:
         if training:
@@ -227,15 +232,15 @@ def online_norm_forward(x, mu, var, weight, bias, *, alpha_fwd, eps, training, e
             v3 = x3.reshape(N, Ch) if cols else x3
             C.bn_forward(v3, cols, y3.reshape(v3.shape), w, b, eps, mu0, var0)
     pre = ls_rstd = None
-    if ecm == "ac":
+    if ecm is not None:  # the affine output is kept for the backward; y is a new array
         pre = y3
-        y3 = C.clip(y3, _ECM_CLIP)
-    elif ecm == "ls":
-        pre = y3
-        y3 = C.empty(x3.shape, xd.dtype)
-        _, _, ls_rstd = C.row_forward(pre.reshape(N, Ch * L), y3.reshape(N, Ch * L), None, None, _ECM_LS_EPS, False)
+        yo, y = C.output(x, shape, xd.dtype)
+        if ecm == "ac":
+            C.clip(pre, _ECM_CLIP, out=y)
+        else:
+            _, _, ls_rstd = C.row_forward(pre.reshape(N, Ch * L), y.reshape(N, Ch * L), None, None, _ECM_LS_EPS, False)
     cache = OnlineNormCache(x3, mu0, var0, w, float(alpha_fwd), eps, bool(training), ecm, pre, shape, ls_rstd)
-    return C.like(x, y3.reshape(shape)), C.like(x, new_mu), C.like(x, new_var), cache
+    return yo, C.like(x, new_mu), C.like(x, new_var), cache
 
 
 def online_norm_backward(dy, cache: OnlineNormCache, u, v, *, alpha_bkw):
@@ -256,16 +261,15 @@ def online_norm_backward(dy, cache: OnlineNormCache, u, v, *, alpha_bkw):
         C.row_backward(g3.reshape(a2.shape), a2, g2, None, zero, cache.ls_rstd, False)
         g3 = g2.reshape(x3.shape)
     new_u, new_v = C.copy(u0), C.copy(v0)
-    dx3 = C.empty(x3.shape, _result_dtype(x3, g3))
+    dxo, dx = C.output(dy, cache.shape, _result_dtype(x3, g3))
     if x3.size:
         dw, db = C.online_backward(
-            g3, x3, dx3, C.copy(cache.mu0), C.copy(cache.var0), new_u, new_v, cache.alpha_fwd, alpha_bkw,
-            cache.eps, cache.weight, cache.training,
+            g3, x3, dx.reshape(x3.shape), C.copy(cache.mu0), C.copy(cache.var0), new_u, new_v, cache.alpha_fwd,
+            alpha_bkw, cache.eps, cache.weight, cache.training, template=dy,
         )
     else:
         dw, db = C.zeros(Ch), C.zeros(Ch)
-    return (C.like(dy, dx3.reshape(cache.shape)), C.like(dy, dw), C.like(dy, db), C.like(dy, new_u),
-            C.like(dy, new_v))
+    return dxo, C.like(dy, dw), C.like(dy, db), C.like(dy, new_u), C.like(dy, new_v)
 
 
 # ----------------------------------------------------------------- RunningStats

@@ -379,3 +379,18 @@ def test_import_does_not_load_numba_cuda():
            "print('numba.cuda' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@needs_cuda
+def test_bench_gpu_reports_every_selected_row(capsys):
+    from streamnorm._bench_gpu import main
+
+    assert main(["--ops", "layernorm forward,batchnorm forward, train", "--repeat", "1", "--inner", "1", "--json",
+                 "--copy-mib", "16"]) == 0
+    import json
+
+    rep = json.loads(capsys.readouterr().out)
+    ops = [r["operation"] for r in rep["rows"]]
+    assert ops.count("LayerNorm forward") == 2 and ops.count("BatchNorm forward, train") == 3
+    assert all(r["streamnorm_us"] > 0 and r["of_bound"] > 0 for r in rep["rows"])
+    assert rep["copy_TB/s"] > 0
