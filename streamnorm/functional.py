@@ -739,7 +739,7 @@ def group_norm_backward(dy, cache: GroupNormCache):
     return dx.reshape(dy.shape), dw, db
 
 
-def instance_norm_forward(x, weight=None, bias=None, *, mean=None, var=None, eps: float = 1e-5):
+def instance_norm_forward(x, weight=None, bias=None, *, mean=None, var=None, eps: float = 1e-5, out=None):
     """Instance normalization forward: per (sample, channel) statistics over *S.
 
     With ``mean`` and ``var`` of shape (C,) (running statistics, eval mode) every
@@ -750,6 +750,8 @@ def instance_norm_forward(x, weight=None, bias=None, *, mean=None, var=None, eps
     x : array_like, shape (N, C, *S) with prod(S) > 1 for instance statistics
     weight, bias : array_like of shape (C,), optional
     mean, var : array_like of shape (C,), optional
+    out : ndarray, optional
+        A preallocated C-contiguous output of x's shape and dtype, not overlapping x.
 
     Returns
     -------
@@ -762,14 +764,14 @@ def instance_norm_forward(x, weight=None, bias=None, *, mean=None, var=None, eps
     if x.ndim < 3:
         raise ValueError(f"InstanceNorm expects input of shape (N, C, *S) with spatial dims, got {x.shape}")
     if mean is not None or var is not None:
-        return batch_norm_forward(x, weight, bias, mean=mean, var=var, eps=eps, axis=1)
+        return batch_norm_forward(x, weight, bias, mean=mean, var=var, eps=eps, axis=1, out=out)
     L = int(np.prod(tuple(x.shape[2:]), dtype=np.int64))
     if L <= 1:
         raise ValueError(
             f"InstanceNorm with instance statistics needs more than 1 spatial value per channel, "
             f"got input of shape {x.shape}"
         )
-    return group_norm_forward(x, x.shape[1], weight, bias, eps)
+    return group_norm_forward(x, x.shape[1], weight, bias, eps, out=out)
 
 
 def instance_norm_backward(dy, cache):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Mapping
 
 import numpy as np
@@ -63,6 +64,13 @@ class Layer:
     device : {'cpu', 'cuda'}
         Where ``params``, ``grads`` and ``buffers`` live (see :meth:`to`).  The input
         of ``forward`` must live there too.
+    reuse_output : bool
+        True (the default): once every reference to the layer's last host output is
+        gone, the layer writes its next output of the same shape and dtype into that
+        memory instead of a fresh array.  That saves the operating system's zeroing
+        of new pages, about one pass over the data, at the price of keeping one
+        output's memory between calls.  An output you still hold, or any view of it,
+        is never overwritten.  Set it to False to always allocate.
     """
 
     def __init__(self) -> None:
@@ -71,8 +79,10 @@ class Layer:
         self.buffers: dict[str, np.ndarray] = {}
         self.training: bool = True
         self.device: str = "cpu"
+        self.reuse_output: bool = True
         self._like: Any = None
         self._cache: Any = None
+        self._spare: np.ndarray | None = None
 
     # -------------------------------------------------------------- contract
     def forward(self, x):  # pragma: no cover - abstract
@@ -100,6 +110,28 @@ class Layer:
                 f"on '{self.device}'; call {fix} once (streamnorm never copies them on every call)"
             )
         return _backend.as_input(x)
+
+    def _spare_out(self, x) -> np.ndarray | None:
+        """The last output's memory, shaped like ``x``, if nothing references it any more."""
+        buf = self._spare
+        if buf is None or not self.reuse_output or type(x) is not np.ndarray:
+            return None
+        # references: self._spare, the local ``buf`` and getrefcount's argument
+        if sys.getrefcount(buf) > 3 or buf.size != x.size or buf.dtype != x.dtype:
+            return None
+        if np.may_share_memory(buf, x):
+            return None
+        return buf.reshape(x.shape)
+
+    def _keep_out(self, y) -> None:
+        """Remember the memory of a host output for :meth:`_spare_out`."""
+        if not self.reuse_output or type(y) is not np.ndarray:
+            self._spare = None
+            return
+        b = y
+        while isinstance(b.base, np.ndarray):
+            b = b.base
+        self._spare = b if b.flags.c_contiguous and b.flags.writeable and b.size == y.size else None
 
     def _own(self, a, like):
         """A vector computed on the layer's device, as the kind of array ``like`` is."""

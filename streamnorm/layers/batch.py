@@ -109,17 +109,19 @@ class BatchNorm(Layer):
         """Normalize ``x`` (N, C, *S) (or channels-last); returns y of x's shape and dtype."""
         x = self._check_input(x)
         w, b = self._wb()
+        out = self._spare_out(x)
         if self.training or not self.track_running_stats:
-            y, cache = F.batch_norm_forward(x, w, b, eps=self.eps, axis=self.axis)
+            y, cache = F.batch_norm_forward(x, w, b, eps=self.eps, axis=self.axis, out=out)
             if self.training and self.track_running_stats:
                 self._update_running(cache.batch_mean, cache.batch_var, cache.count)
         elif self._adapt is not None:
-            y, cache = self._adapt_forward(x, w, b)
+            y, cache = self._adapt_forward(x, w, b, out)
         else:
             y, cache = F.batch_norm_forward(
-                x, w, b, mean=self.running_mean, var=self.running_var, eps=self.eps, axis=self.axis
+                x, w, b, mean=self.running_mean, var=self.running_var, eps=self.eps, axis=self.axis, out=out
             )
         self._cache = cache
+        self._keep_out(y)
         return y
 
     def _update_running(self, mean: np.ndarray, var: np.ndarray, count: int) -> None:
@@ -216,10 +218,10 @@ class BatchNorm(Layer):
             self._adapt["k"] = 0
         return self
 
-    def _adapt_forward(self, x, w, b):
+    def _adapt_forward(self, x, w, b, out=None):
         a = self._adapt
         mode = a["mode"]
-        kw = dict(eps=self.eps, axis=self.axis)
+        kw = dict(eps=self.eps, axis=self.axis, out=out)
         if mode == "batch":
             return F.batch_norm_forward(x, w, b, **kw)
         if mode == "prior":

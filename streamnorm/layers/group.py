@@ -53,7 +53,10 @@ class GroupNorm(Layer):
 
     def forward(self, x):
         x = _check_nc(self, x, self.num_channels, 2)
-        y, self._cache = F.group_norm_forward(x, self.num_groups, self.params.get("weight"), self.params.get("bias"), self.eps)
+        y, self._cache = F.group_norm_forward(
+            x, self.num_groups, self.params.get("weight"), self.params.get("bias"), self.eps, out=self._spare_out(x)
+        )
+        self._keep_out(y)
         return y
 
     def backward(self, dy):
@@ -112,8 +115,9 @@ class InstanceNorm(Layer):
     def forward(self, x):
         x = _check_nc(self, x, self.num_features, 3)
         w, b = self.params.get("weight"), self.params.get("bias")
+        out = self._spare_out(x)
         if self.training or not self.track_running_stats:
-            y, cache = F.instance_norm_forward(x, w, b, eps=self.eps)
+            y, cache = F.instance_norm_forward(x, w, b, eps=self.eps, out=out)
             if self.training and self.track_running_stats:
                 N, C = x.shape[:2]
                 L = int(np.prod(tuple(x.shape[2:]), dtype=np.int64))
@@ -129,9 +133,10 @@ class InstanceNorm(Layer):
                 self.buffers["running_var"] = _backend.lerp(rv, v, 1 - f, f)
         else:
             y, cache = F.instance_norm_forward(
-                x, w, b, mean=self.buffers["running_mean"], var=self.buffers["running_var"], eps=self.eps
+                x, w, b, mean=self.buffers["running_mean"], var=self.buffers["running_var"], eps=self.eps, out=out
             )
         self._cache = cache
+        self._keep_out(y)
         return y
 
     def backward(self, dy):

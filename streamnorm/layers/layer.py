@@ -42,9 +42,12 @@ class LayerNorm(Layer):
 
     def forward(self, x):
         """Normalize each row of D values; returns y of x's shape and dtype."""
+        x = self._input(x)
         y, self._cache = F.layer_norm_forward(
-            self._input(x), self.normalized_shape, self.params.get("weight"), self.params.get("bias"), self.eps
+            x, self.normalized_shape, self.params.get("weight"), self.params.get("bias"), self.eps,
+            out=self._spare_out(x),
         )
+        self._keep_out(y)
         return y
 
     def backward(self, dy):
@@ -89,7 +92,11 @@ class RMSNorm(Layer):
 
     def forward(self, x):
         """Normalize each row of D values by its root mean square."""
-        y, self._cache = F.rms_norm_forward(self._input(x), self.normalized_shape, self.params.get("weight"), self.eps)
+        x = self._input(x)
+        y, self._cache = F.rms_norm_forward(
+            x, self.normalized_shape, self.params.get("weight"), self.eps, out=self._spare_out(x)
+        )
+        self._keep_out(y)
         return y
 
     def backward(self, dy):

@@ -1,0 +1,62 @@
+"""Layers write a new output into the memory of their last one only when nobody holds it."""
+
+import numpy as np
+import pytest
+
+import streamnorm as sn
+
+
+def _addr(a):
+    return a.__array_interface__["data"][0]
+
+
+LAYERS = [
+    (lambda: sn.BatchNorm(8), (64, 8)),
+    (lambda: sn.BatchNorm2d(4), (6, 4, 5, 5)),
+    (lambda: sn.LayerNorm(16), (10, 16)),
+    (lambda: sn.RMSNorm(16), (10, 16)),
+    (lambda: sn.GroupNorm(2, 4), (6, 4, 5)),
+    (lambda: sn.InstanceNorm(4), (6, 4, 5)),
+]
+
+
+@pytest.mark.parametrize("make, shape", LAYERS)
+def test_dropped_output_is_reused_and_held_output_is_not(rng, make, shape):
+    layer = make()
+    x1, x2, x3 = (rng.normal(size=shape) for _ in range(3))
+    y1 = layer(x1)
+    a1 = _addr(y1)
+    del y1
+    y2 = layer(x2)
+    assert _addr(y2) == a1  # nobody held y1: its memory came back
+    np.testing.assert_array_equal(y2, make()(x2))  # and the values are those of a fresh layer
+    view = y2[1:3]
+    keep = view.copy()
+    del y2
+    y3 = layer(x3)  # a view of y2 is alive: y2's memory is not touched
+    assert _addr(y3) != a1
+    np.testing.assert_array_equal(view, keep)
+    np.testing.assert_array_equal(y3, make()(x3))
+
+
+def test_output_fed_back_as_input_is_not_overwritten(rng):
+    ln = sn.LayerNorm(16)
+    y = ln(rng.normal(size=(10, 16)))
+    ref = sn.LayerNorm(16)(y.copy())
+    np.testing.assert_array_equal(ln(y), ref)
+
+
+def test_reuse_can_be_switched_off(rng):
+    ln = sn.LayerNorm(16)
+    ln.reuse_output = False
+    ln(rng.normal(size=(10, 16)))
+    assert ln._spare is None
+
+
+def test_state_changes_nothing_for_other_shapes_or_dtypes(rng):
+    bn = sn.BatchNorm(8)
+    y = bn(rng.normal(size=(64, 8)))
+    a = _addr(y)
+    del y
+    y32 = bn(rng.normal(size=(64, 8)).astype(np.float32))
+    assert y32.dtype == np.float32 and _addr(y32) != a
