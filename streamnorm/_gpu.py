@@ -55,6 +55,18 @@ def _out(out, x, xd, name: str = "out"):
     return out, od
 
 
+def _out_grad(out, dy, shape, dtype):
+    """(object returned, device view) for dx: new, or ``out`` checked like a forward's out."""
+    if out is None:
+        return C.output(dy, shape, dtype)
+    if not is_device(out):
+        raise TypeError("out must be a GPU array when dy is on the GPU")
+    od = C.as_device(out, "out")
+    if tuple(od.shape) != tuple(shape) or od.dtype != dtype:
+        raise ValueError(f"out has shape {od.shape} and dtype {od.dtype}; expected {tuple(shape)} and {dtype}")
+    return out, od
+
+
 def _result_dtype(a, b):
     return np.result_type(a.dtype, b.dtype)
 
@@ -119,11 +131,11 @@ def batch_norm_forward(x, weight, bias, *, mean, var, eps, axis, prior_mean, pri
     return yo, cache
 
 
-def batch_norm_backward(dy, cache: BatchNormCache):
+def batch_norm_backward(dy, cache: BatchNormCache, out=None):
     x3 = cache.x3
     d = _dy(dy, cache.shape)
     dy3 = d.reshape(x3.shape)
-    dxo, dx = C.output(dy, cache.shape, _result_dtype(x3, d))
+    dxo, dx = _out_grad(out, dy, cache.shape, _result_dtype(x3, d))
     center = cache.batch_mean if cache.batch_stats else cache.mean
     dw, db = C.bn_backward(
         dy3, x3, cache.cols, dx.reshape(x3.shape), center, cache.mean, cache.rstd, cache.weight, cache.batch_stats,
@@ -156,10 +168,10 @@ def rownorm_forward(x, normalized_shape, weight, bias, eps, center, out):
     return yo, cache
 
 
-def rownorm_backward(dy, cache: RowNormCache):
+def rownorm_backward(dy, cache: RowNormCache, out=None):
     x2 = cache.x2
     d = _dy(dy, cache.shape)
-    dxo, dx = C.output(dy, cache.shape, _result_dtype(x2, d))
+    dxo, dx = _out_grad(out, dy, cache.shape, _result_dtype(x2, d))
     dw, db = C.row_backward(d.reshape(x2.shape), x2, dx.reshape(x2.shape), cache.weight, cache.mean, cache.rstd,
                             cache.center, template=dy)
     ns = cache.normalized_shape
@@ -187,13 +199,13 @@ def group_norm_forward(x, num_groups, weight, bias, eps, out):
     return yo, GroupNormCache(x2, mean, rstd, var, w, G, shape)
 
 
-def group_norm_backward(dy, cache: GroupNormCache):
+def group_norm_backward(dy, cache: GroupNormCache, out=None):
     x2 = cache.x3
     d = _dy(dy, cache.shape)
     N, Ch = cache.shape[:2]
     G = cache.num_groups
     L = x2.shape[1] // (Ch // G) if Ch else 1
-    dxo, dx = C.output(dy, cache.shape, _result_dtype(x2, d))
+    dxo, dx = _out_grad(out, dy, cache.shape, _result_dtype(x2, d))
     dw, db = C.row_backward(d.reshape(x2.shape), x2, dx.reshape(x2.shape), cache.weight, cache.mean, cache.rstd,
                             True, G, Ch // G, L, template=dy)
     return dxo, C.like(dy, dw), C.like(dy, db)

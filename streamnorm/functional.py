@@ -145,23 +145,25 @@ def batch_moments(x, axis: int = 1):
     return count, mu, m2 / count
 
 
-def _output(out, x: np.ndarray, shape3: tuple[int, ...]) -> np.ndarray:
+def _output(out, x: np.ndarray, shape3: tuple[int, ...], dtype=None, reads=()) -> np.ndarray:
     """The output in its canonical shape: a new array, or ``out`` after checking it.
 
-    ``out`` must be a writable C-contiguous ndarray of x's shape and dtype that does not
-    overlap x (the backward reads x).  Writing into a reused buffer saves the operating
-    system's zeroing of freshly allocated pages, about one write pass.
+    ``out`` must be a writable C-contiguous ndarray of x's shape and of ``dtype`` (x's
+    by default) that overlaps neither x (the backward reads x) nor the other arrays in
+    ``reads``.  Writing into a reused buffer saves the operating system's zeroing of
+    freshly allocated pages, about one write pass.
     """
+    dtype = x.dtype if dtype is None else np.dtype(dtype)
     if out is None:
-        return np.empty(shape3, dtype=x.dtype)
+        return np.empty(shape3, dtype=dtype)
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
-    if out.shape != x.shape or out.dtype != x.dtype:
-        raise ValueError(f"out has shape {out.shape} and dtype {out.dtype}; expected {x.shape} and {x.dtype}")
+    if out.shape != x.shape or out.dtype != dtype:
+        raise ValueError(f"out has shape {out.shape} and dtype {out.dtype}; expected {x.shape} and {dtype}")
     if not out.flags.c_contiguous or not out.flags.writeable:
         raise ValueError("out must be C-contiguous and writable")
-    if np.may_share_memory(out, x):
-        raise ValueError("out must not overlap x: the backward reads x")
+    if any(np.may_share_memory(out, a) for a in (x, *reads)):
+        raise ValueError("out must not overlap the arrays the computation reads (x, and dy in a backward)")
     return out.reshape(shape3)
 
 
@@ -268,7 +270,7 @@ def batch_norm_forward(
     return y, cache
 
 
-def batch_norm_backward(dy, cache: BatchNormCache):
+def batch_norm_backward(dy, cache: BatchNormCache, out: np.ndarray | None = None):
     """Batch normalization backward (docs/math.rst), exact and analytic.
 
     Train mode (batch statistics), per channel over its m values:
@@ -282,6 +284,9 @@ def batch_norm_backward(dy, cache: BatchNormCache):
     ----------
     dy : array_like, the shape of the forward input
     cache : BatchNormCache, from :func:`batch_norm_forward`
+    out : ndarray, optional
+        A preallocated C-contiguous array for dx (the input's shape, dtype
+        ``result_type(x, dy)``) that overlaps neither x nor dy.
 
     Returns
     -------
@@ -289,7 +294,7 @@ def batch_norm_backward(dy, cache: BatchNormCache):
     dweight, dbias : ndarray of float64, shape (C,)
     """
     if is_device(cache.x3):
-        return _gpu().batch_norm_backward(dy, cache)
+        return _gpu().batch_norm_backward(dy, cache, out)
     x3 = cache.x3
     shape = x3.shape
     dy = as_float_array(dy, "dy")
@@ -303,7 +308,7 @@ def batch_norm_backward(dy, cache: BatchNormCache):
     r = cache.rstd
     g = np.ones(C) if cache.weight is None else cache.weight
     k1 = g * r
-    dx = np.empty(shape, dtype=_out_dtype(x3, dy3))
+    dx = _output(out, dy, shape, _out_dtype(x3, dy3), (x3,))
     sums = K.bn_bwd_sums_cols if cache.cols else K.bn_bwd_sums_ncl
     nt = _moments.nthreads()
     # the sums are taken around the batch mean where there is one (the dx kernel needs
@@ -556,15 +561,15 @@ def _rownorm_forward(x, normalized_shape, weight, bias, eps, center, out=None):
     return y.reshape(x.shape), cache
 
 
-def _rownorm_backward(dy, cache: RowNormCache):
+def _rownorm_backward(dy, cache: RowNormCache, out=None):
     if is_device(cache.x2):
-        return _gpu().rownorm_backward(dy, cache)
+        return _gpu().rownorm_backward(dy, cache, out)
     x2 = cache.x2
     dy = as_float_array(dy, "dy")
     if dy.shape != cache.shape:
         raise ValueError(f"dy has shape {dy.shape}, but the forward input had shape {cache.shape}")
     dy2 = np.ascontiguousarray(canonical_view(dy, x2.shape))
-    dx = np.empty(x2.shape, dtype=_out_dtype(x2, dy2))
+    dx = _output(out, dy, x2.shape, _out_dtype(x2, dy2), (x2,))
     if x2.shape[0]:
         dw, db = K.rownorm_bwd(dy2, x2, cache.weight, cache.mean, cache.rstd, cache.center, dx, _moments.nthreads())
     else:
@@ -600,11 +605,11 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps: float =
     return _rownorm_forward(x, normalized_shape, weight, bias, eps, True, out)
 
 
-def layer_norm_backward(dy, cache: RowNormCache):
+def layer_norm_backward(dy, cache: RowNormCache, out: np.ndarray | None = None):
     """Layer normalization backward (docs/layers).
 
     With ``g = dy·γ``: ``dx = (r/D)·(D·g − Σg − x̂·Σ(g·x̂))``, ``dγ = Σ_rows dy·x̂``,
-    ``dβ = Σ_rows dy``.
+    ``dβ = Σ_rows dy``.  ``out``: as in :func:`batch_norm_backward`.
 
     Returns
     -------
@@ -612,7 +617,7 @@ def layer_norm_backward(dy, cache: RowNormCache):
     dweight, dbias : float64 arrays of shape normalized_shape, or None where the
         forward had no weight or bias.
     """
-    return _rownorm_backward(dy, cache)
+    return _rownorm_backward(dy, cache, out)
 
 
 def rms_norm_forward(x, normalized_shape, weight=None, eps: float | None = None, out=None):
@@ -641,15 +646,17 @@ def rms_norm_forward(x, normalized_shape, weight=None, eps: float | None = None,
     return _rownorm_forward(x, normalized_shape, weight, None, eps, False, out)
 
 
-def rms_norm_backward(dy, cache: RowNormCache):
+def rms_norm_backward(dy, cache: RowNormCache, out: np.ndarray | None = None):
     """RMS normalization backward: with ``g = dy·γ``, ``dx = r·(g − x̂·mean(g·x̂))``.
+
+    ``out``: as in :func:`batch_norm_backward`.
 
     Returns
     -------
     dx : ndarray, the shape of ``dy``
     dweight : float64 array of shape normalized_shape, or None without a weight
     """
-    dx, dw, _ = _rownorm_backward(dy, cache)
+    dx, dw, _ = _rownorm_backward(dy, cache, out)
     return dx, dw
 
 
@@ -715,8 +722,10 @@ def group_norm_forward(x, num_groups: int, weight=None, bias=None, eps: float = 
     return y.reshape(x.shape), GroupNormCache(x3, mean, rstd, var, wk, G, x.shape)
 
 
-def group_norm_backward(dy, cache: GroupNormCache):
+def group_norm_backward(dy, cache: GroupNormCache, out: np.ndarray | None = None):
     """Group normalization backward: the LayerNorm formulas per (sample, group) block.
+
+    ``out``: as in :func:`batch_norm_backward`.
 
     Returns
     -------
@@ -724,13 +733,13 @@ def group_norm_backward(dy, cache: GroupNormCache):
     dweight, dbias : float64 arrays of shape (C,)
     """
     if is_device(cache.x3):
-        return _gpu().group_norm_backward(dy, cache)
+        return _gpu().group_norm_backward(dy, cache, out)
     dy = as_float_array(dy, "dy")
     if dy.shape != cache.shape:
         raise ValueError(f"dy has shape {dy.shape}, but the forward input had shape {cache.shape}")
     x3 = cache.x3
     dy3 = np.ascontiguousarray(canonical_view(dy, x3.shape))
-    dx = np.empty(x3.shape, dtype=_out_dtype(x3, dy3))
+    dx = _output(out, dy, x3.shape, _out_dtype(x3, dy3), (x3,))
     C = cache.weight.shape[0]
     if x3.size:
         dw, db = K.groupnorm_bwd(dy3, x3, cache.weight, cache.num_groups, cache.mean, cache.rstd, dx, _moments.nthreads())
@@ -774,11 +783,11 @@ def instance_norm_forward(x, weight=None, bias=None, *, mean=None, var=None, eps
     return group_norm_forward(x, x.shape[1], weight, bias, eps, out=out)
 
 
-def instance_norm_backward(dy, cache):
+def instance_norm_backward(dy, cache, out: np.ndarray | None = None):
     """Instance normalization backward; dispatches on the cache type of the forward."""
     if isinstance(cache, BatchNormCache):
-        return batch_norm_backward(dy, cache)
-    return group_norm_backward(dy, cache)
+        return batch_norm_backward(dy, cache, out)
+    return group_norm_backward(dy, cache, out)
 
 
 # ---------------------------------------------------------------------------

@@ -39,6 +39,25 @@ def test_dropped_output_is_reused_and_held_output_is_not(rng, make, shape):
     np.testing.assert_array_equal(y3, make()(x3))
 
 
+@pytest.mark.parametrize("make, shape", LAYERS)
+def test_dropped_gradient_is_reused_and_held_gradient_is_not(rng, make, shape):
+    layer, ref = make(), make()
+    x = rng.normal(size=shape)
+    layer(x)
+    ref(x)
+    dy1, dy2, dy3 = (rng.normal(size=shape) for _ in range(3))
+    g1 = layer.backward(dy1)
+    a1 = _addr(g1)
+    del g1
+    g2 = layer.backward(dy2)
+    assert _addr(g2) == a1
+    np.testing.assert_array_equal(g2, ref.backward(dy2))
+    g3 = layer.backward(dy3)  # g2 is held: a new array
+    assert _addr(g3) != a1
+    np.testing.assert_array_equal(g2, ref.backward(dy2))
+    np.testing.assert_array_equal(g3, ref.backward(dy3))
+
+
 def test_output_fed_back_as_input_is_not_overwritten(rng):
     ln = sn.LayerNorm(16)
     y = ln(rng.normal(size=(10, 16)))
@@ -50,7 +69,7 @@ def test_reuse_can_be_switched_off(rng):
     ln = sn.LayerNorm(16)
     ln.reuse_output = False
     ln(rng.normal(size=(10, 16)))
-    assert ln._spare is None
+    assert ln._spare == {}
 
 
 def test_state_changes_nothing_for_other_shapes_or_dtypes(rng):

@@ -82,7 +82,7 @@ class Layer:
         self.reuse_output: bool = True
         self._like: Any = None
         self._cache: Any = None
-        self._spare: np.ndarray | None = None
+        self._spare: dict[str, np.ndarray] = {}
 
     # -------------------------------------------------------------- contract
     def forward(self, x):  # pragma: no cover - abstract
@@ -111,27 +111,41 @@ class Layer:
             )
         return _backend.as_input(x)
 
-    def _spare_out(self, x) -> np.ndarray | None:
-        """The last output's memory, shaped like ``x``, if nothing references it any more."""
-        buf = self._spare
+    def _spare_out(self, x, slot: str = "y", dtype=None, avoid=()) -> np.ndarray | None:
+        """The memory of the last output in ``slot`` ('y' forward, 'dx' backward), shaped
+        like ``x``, if nothing references it any more and it overlaps none of ``avoid``."""
+        buf = self._spare.get(slot)
         if buf is None or not self.reuse_output or type(x) is not np.ndarray:
             return None
-        # references: self._spare, the local ``buf`` and getrefcount's argument
-        if sys.getrefcount(buf) > 3 or buf.size != x.size or buf.dtype != x.dtype:
+        dtype = x.dtype if dtype is None else dtype
+        # references: the dict, the local ``buf`` and getrefcount's argument
+        if sys.getrefcount(buf) > 3 or buf.size != x.size or buf.dtype != dtype:
             return None
-        if np.may_share_memory(buf, x):
+        if any(np.may_share_memory(buf, a) for a in (x, *avoid)):
             return None
         return buf.reshape(x.shape)
 
-    def _keep_out(self, y) -> None:
+    def _keep_out(self, y, slot: str = "y") -> None:
         """Remember the memory of a host output for :meth:`_spare_out`."""
+        self._spare.pop(slot, None)
         if not self.reuse_output or type(y) is not np.ndarray:
-            self._spare = None
             return
         b = y
         while isinstance(b.base, np.ndarray):
             b = b.base
-        self._spare = b if b.flags.c_contiguous and b.flags.writeable and b.size == y.size else None
+        if b.flags.c_contiguous and b.flags.writeable and b.size == y.size:
+            self._spare[slot] = b
+
+    def _spare_grad(self, dy) -> np.ndarray | None:
+        """:meth:`_spare_out` for a backward's dx (dtype ``result_type(x, dy)``)."""
+        if type(dy) is not np.ndarray or self._cache is None:
+            return None
+        x = getattr(self._cache, "x3", None)
+        if x is None:
+            x = getattr(self._cache, "x2", None)
+        if type(x) is not np.ndarray:
+            return None
+        return self._spare_out(dy, "dx", np.result_type(x.dtype, dy.dtype), (x,))
 
     def _own(self, a, like):
         """A vector computed on the layer's device, as the kind of array ``like`` is."""

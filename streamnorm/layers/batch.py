@@ -256,7 +256,8 @@ class BatchNorm(Layer):
         full backward of docs/math.rst, running statistics give ``dx = γ·r·dy``.
         """
         cache = self._require_cache()
-        dx, dw, db = F.batch_norm_backward(dy, cache)
+        dx, dw, db = F.batch_norm_backward(dy, cache, out=self._spare_grad(dy))
+        self._keep_out(dx, "dx")
         self._set_grads(weight=dw, bias=db)
         return dx
 

@@ -61,7 +61,9 @@ class GroupNorm(Layer):
 
     def backward(self, dy):
         """Input gradient; fills ``grads`` (overwriting)."""
-        dx, dw, db = F.group_norm_backward(dy, self._require_cache())
+        cache = self._require_cache()
+        dx, dw, db = F.group_norm_backward(dy, cache, out=self._spare_grad(dy))
+        self._keep_out(dx, "dx")
         self._set_grads(weight=dw, bias=db)
         return dx
 
@@ -141,7 +143,9 @@ class InstanceNorm(Layer):
 
     def backward(self, dy):
         """Input gradient; fills ``grads`` (overwriting)."""
-        dx, dw, db = F.instance_norm_backward(dy, self._require_cache())
+        cache = self._require_cache()
+        dx, dw, db = F.instance_norm_backward(dy, cache, out=self._spare_grad(dy))
+        self._keep_out(dx, "dx")
         self._set_grads(weight=dw, bias=db)
         return dx
 

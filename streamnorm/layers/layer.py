@@ -52,7 +52,9 @@ class LayerNorm(Layer):
 
     def backward(self, dy):
         """Input gradient; fills ``grads`` (overwriting)."""
-        dx, dw, db = F.layer_norm_backward(dy, self._require_cache())
+        cache = self._require_cache()
+        dx, dw, db = F.layer_norm_backward(dy, cache, out=self._spare_grad(dy))
+        self._keep_out(dx, "dx")
         self._set_grads(weight=dw, bias=db)
         return dx
 
@@ -101,7 +103,9 @@ class RMSNorm(Layer):
 
     def backward(self, dy):
         """Input gradient; fills ``grads`` (overwriting)."""
-        dx, dw = F.rms_norm_backward(dy, self._require_cache())
+        cache = self._require_cache()
+        dx, dw = F.rms_norm_backward(dy, cache, out=self._spare_grad(dy))
+        self._keep_out(dx, "dx")
         self._set_grads(weight=dw)
         return dx
 
