@@ -118,6 +118,14 @@ class StreamScaler(*_BASES):  # type: ignore[misc]
     >>> np.round(sc.transform(X[:2]), 3)
     array([[-1.464, -1.464],
            [-0.878, -0.878]])
+
+    ``half_life`` (or ``decay``) makes the statistics follow a drifting stream: here
+    every new chunk weighs one half.
+
+    >>> drifting = StreamScaler(half_life=1)
+    >>> _ = drifting.partial_fit(np.zeros((2, 1))).partial_fit(np.full((2, 1), 4.0))
+    >>> drifting.mean_, drifting.var_
+    (array([2.]), array([4.]))
     """
 
     def __init__(
@@ -223,7 +231,7 @@ class StreamScaler(*_BASES):  # type: ignore[misc]
                 if w.size and not np.any(w):
                     raise ValueError("sample_weight is all zeros: at least one sample must have a non-zero weight")
             stats.update(Xa, axis=0, weights=sample_weight)  # raises before anything is committed
-            _raise_on_inf(Xa, stats._mean + stats._m2 if self.nan_policy == "omit" else None)
+            _raise_on_inf(Xa, stats._mean + stats._m2)  # finite statistics: no inf, no scan
         self._stats = stats
         if first:
             self.n_features_in_ = Xa.shape[1]
@@ -237,6 +245,14 @@ class StreamScaler(*_BASES):  # type: ignore[misc]
         Returns
         -------
         self
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> X = np.arange(12.0).reshape(6, 2)
+        >>> sc = StreamScaler().fit(iter(np.array_split(X, 3)))   # a generator works too
+        >>> sc.mean_, sc.n_samples_seen_
+        (array([5., 6.]), 6)
         """
         self._reset()
         _reject_sparse(X)
@@ -279,7 +295,16 @@ class StreamScaler(*_BASES):  # type: ignore[misc]
             self.mean_ = None
 
     def merge(self, other: "StreamScaler") -> "StreamScaler":
-        """Fold another fitted scaler's statistics in (exact Chan merge).  Returns self."""
+        """Fold another fitted scaler's statistics in (exact Chan merge).  Returns self.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> X = np.arange(12.0).reshape(6, 2)
+        >>> left, right = StreamScaler().fit(X[:2]), StreamScaler().fit(X[2:])
+        >>> left.merge(right).mean_, left.n_samples_seen_
+        (array([5., 6.]), 6)
+        """
         if not isinstance(other, StreamScaler):
             raise TypeError(f"can only merge a StreamScaler, not {type(other).__name__}")
         if not hasattr(other, "_stats"):
@@ -317,7 +342,16 @@ class StreamScaler(*_BASES):  # type: ignore[misc]
         return self._affine(X, copy, inverse=False)
 
     def inverse_transform(self, X, copy: bool | None = None):
-        """Map standardized data back: ``X * scale_ + mean_``."""
+        """Map standardized data back: ``X * scale_ + mean_``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> X = np.arange(12.0).reshape(6, 2)
+        >>> sc = StreamScaler().fit(X)
+        >>> sc.inverse_transform(sc.transform(X[:1]))
+        array([[0., 1.]])
+        """
         return self._affine(X, copy, inverse=True)
 
     def _affine(self, X, copy: bool | None, inverse: bool) -> np.ndarray:
@@ -346,7 +380,20 @@ class StreamScaler(*_BASES):  # type: ignore[misc]
 
     # ----------------------------------------------------------- persistence
     def save(self, path) -> None:
-        """Write parameters and statistics to a ``.npz`` file (no pickle)."""
+        """Write parameters and statistics to a ``.npz`` file (no pickle).
+
+        Examples
+        --------
+        >>> import os, tempfile
+        >>> import numpy as np
+        >>> sc = StreamScaler(half_life=10).fit(np.arange(12.0).reshape(6, 2))
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = os.path.join(folder, "scaler.npz")
+        ...     sc.save(path)
+        ...     loaded = StreamScaler.load(path)
+        >>> loaded.mean_, loaded.half_life
+        (array([5., 6.]), 10.0)
+        """
         if not hasattr(self, "_stats"):
             _not_fitted(self)
         params = self.get_params()
@@ -481,6 +528,27 @@ def normalize_stream(
     ndarray of shape (n_i, n_features)
         Each chunk normalized, in the chunk's float dtype.  Memory: one chunk plus
         O(n_features).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> chunks = [np.array([[0.0], [2.0]]), np.array([[4.0]]), np.array([[1.0], [3.0]])]
+
+    Prequential: the first chunk with its own statistics, every later one with the
+    statistics of the chunks before it (here mean 1 and std 1, then mean 2 and
+    variance 8/3):
+
+    >>> for out in normalize_stream(chunks):
+    ...     print(np.round(out.ravel(), 4))
+    [-1.  1.]
+    [3.]
+    [-0.6124  0.6124]
+
+    Frozen: every chunk with the statistics the scaler was fitted with.
+
+    >>> reference = StreamScaler().fit(np.array([[0.0], [2.0]]))
+    >>> [out.ravel().tolist() for out in normalize_stream(chunks, reference, mode="frozen")]
+    [[-1.0, 1.0], [3.0], [0.0, 2.0]]
     """
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
