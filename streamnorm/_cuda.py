@@ -50,9 +50,9 @@ SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
 # Block shapes.  The simulator runs every thread in Python, so it gets tiny blocks; the
 # kernels are correct for any power-of-two sizes.
 if SIMULATOR:
-    TPB, BX, BY, TARGET_BLOCKS = 8, 4, 2, 4
+    TPB, BX, BY, TARGET_BLOCKS, SEGS = 8, 4, 2, 4, 4
 else:  # pragma: no cover - needs a GPU
-    TPB, BX, BY, TARGET_BLOCKS = 256, 32, 8, 1024
+    TPB, BX, BY, TARGET_BLOCKS, SEGS = 256, 32, 8, 1024, 16
 
 F8 = numba.float64
 _chan = cuda.jit(device=True)(chan_merge)
@@ -1007,12 +1007,213 @@ def _k_online_bwd_ncl(gout, x, mu, var, u, vc, a, ab, eps, w, use_w, update, dx,
         vc[c] = vcc
 
 
+# Scan-parallel OnlineNorm for (N, C) input (docs/gpu.rst).  Once δ_t is known, every
+# recurrence is affine in the state, so each of the SEGS threads of a channel composes
+# the maps of its run of time steps, one thread chains the SEGS compositions from the
+# call's start state, and every thread then replays its run exactly from its own start
+# state.  Blocks are (BX channels) × (SEGS runs): reads stay coalesced across channels.
+#
+# Mean, in the shifted variable μ̃ = μ − k (k = μ at the call's start):
+#     μ̃_t = A_t·μ̃_s + B_t
+# Variance (s² = 0 for L = 1), with e_t = x̃_t − B_t and δ_t = e_t − A_t·μ̃_s:
+#     σ²_end = α^len·σ²_s + P + Q·μ̃_s + R·μ̃_s²
+# Backward, with the forward replayed: v_t = Av_t·v_s + Bv_t and
+#     u_end = α_b^len·u_s + Bu + Qu·v_s.
+
+
+@cuda.jit(device=True)
+def _seg_span(N, j):
+    seg = (N + SEGS - 1) // SEGS
+    return min(j * seg, N), min((j + 1) * seg, N)
+
+
+@cuda.jit(device=True)
+def _seg_forward_maps(x, c, k, a, t0, t1):
+    A = 1.0
+    B = 0.0
+    P = 0.0
+    Q = 0.0
+    R = 0.0
+    ca = a * (1.0 - a)
+    for t in range(t0, t1):
+        xt = F8(x[t, c]) - k
+        e = xt - B
+        P = a * P + ca * e * e
+        Q = a * Q - 2.0 * ca * e * A
+        R = a * R + ca * A * A
+        B = a * B + (1.0 - a) * xt
+        A = a * A
+    return A, B, P, Q, R
+
+
+@cuda.jit(device=True)
+def _seg_forward_starts(x, mu, var, a, c, valid, tx, ty, s0, s1, s2, s3, s4, sm, sv):
+    """Fill sm, sv[ty, tx] with the (μ, σ²) at the start of every run of channel c."""
+    N = x.shape[0]
+    t0, t1 = _seg_span(N, ty)
+    k = mu[c] if valid else 0.0
+    A, B, P, Q, R = _seg_forward_maps(x, c, k, a, t0, t1) if valid else (1.0, 0.0, 0.0, 0.0, 0.0)
+    s0[ty, tx] = A
+    s1[ty, tx] = B
+    s2[ty, tx] = P
+    s3[ty, tx] = Q
+    s4[ty, tx] = R
+    cuda.syncthreads()
+    if ty == 0 and valid:
+        m = 0.0
+        v = var[c]
+        for j in range(SEGS):
+            sm[j, tx] = m + k
+            sv[j, tx] = v
+            v = s0[j, tx] * v + s2[j, tx] + s3[j, tx] * m + s4[j, tx] * m * m
+            m = s0[j, tx] * m + s1[j, tx]
+    cuda.syncthreads()
+
+
+@cuda.jit
+def _k_online_fwd_scan(x, mu, var, a, eps, w, b, use_w, use_b, y):
+    tx = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    c = cuda.blockIdx.x * BX + tx
+    N, C = x.shape
+    valid = c < C
+    s0 = cuda.shared.array((SEGS, BX), F8)
+    s1 = cuda.shared.array((SEGS, BX), F8)
+    s2 = cuda.shared.array((SEGS, BX), F8)
+    s3 = cuda.shared.array((SEGS, BX), F8)
+    s4 = cuda.shared.array((SEGS, BX), F8)
+    sm = cuda.shared.array((SEGS, BX), F8)
+    sv = cuda.shared.array((SEGS, BX), F8)
+    _seg_forward_starts(x, mu, var, a, c, valid, tx, ty, s0, s1, s2, s3, s4, sm, sv)
+    t0, t1 = _seg_span(N, ty)
+    if valid and t0 < t1:
+        m = sm[ty, tx]
+        v = sv[ty, tx]
+        g = w[c] if use_w else 1.0
+        bb = b[c] if use_b else 0.0
+        for t in range(t0, t1):
+            xv = F8(x[t, c])
+            y[t, c] = (xv - m) * (g / math.sqrt(v + eps)) + bb
+            d = xv - m
+            m = m + (1.0 - a) * d
+            v = a * v + a * (1.0 - a) * d * d
+        if t1 == N:  # the run that ends the call carries the state on
+            mu[c] = m
+            var[c] = v
+
+
+@cuda.jit
+def _k_online_bwd_scan(gout, x, mu, var, u, vc, a, ab, eps, w, use_w, dx, dw, db):
+    tx = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    c = cuda.blockIdx.x * BX + tx
+    N, C = x.shape
+    valid = c < C
+    cb = 1.0 - ab
+    s0 = cuda.shared.array((SEGS, BX), F8)
+    s1 = cuda.shared.array((SEGS, BX), F8)
+    s2 = cuda.shared.array((SEGS, BX), F8)
+    s3 = cuda.shared.array((SEGS, BX), F8)
+    s4 = cuda.shared.array((SEGS, BX), F8)
+    sm = cuda.shared.array((SEGS, BX), F8)
+    sv = cuda.shared.array((SEGS, BX), F8)
+    su = cuda.shared.array((SEGS, BX), F8)
+    sc = cuda.shared.array((SEGS, BX), F8)
+    _seg_forward_starts(x, mu, var, a, c, valid, tx, ty, s0, s1, s2, s3, s4, sm, sv)
+    t0, t1 = _seg_span(N, ty)
+    g = (w[c] if use_w else 1.0) if valid else 0.0
+    # maps of the control process over this run, with the forward replayed exactly
+    Av = 1.0
+    Bv = 0.0
+    Au = 1.0
+    Bu = 0.0
+    Qu = 0.0
+    if valid:
+        m = sm[ty, tx]
+        vv = sv[ty, tx]
+        for t in range(t0, t1):
+            inv = 1.0 / math.sqrt(vv + eps)
+            xv = F8(x[t, c])
+            yv = (xv - m) * inv
+            gg = F8(gout[t, c]) * g
+            Bu = ab * Bu + (gg - cb * Bv * yv) * inv
+            Qu = ab * Qu - cb * Av * yv * inv
+            Au = ab * Au
+            f = 1.0 - cb * yv * yv
+            Bv = f * Bv + gg * yv
+            Av = f * Av
+            d = xv - m
+            m = m + (1.0 - a) * d
+            vv = a * vv + a * (1.0 - a) * d * d
+    cuda.syncthreads()
+    s0[ty, tx] = Av
+    s1[ty, tx] = Bv
+    s2[ty, tx] = Au
+    s3[ty, tx] = Bu
+    s4[ty, tx] = Qu
+    cuda.syncthreads()
+    if ty == 0 and valid:
+        us = u[c]
+        vs = vc[c]
+        for j in range(SEGS):
+            su[j, tx] = us
+            sc[j, tx] = vs
+            us = s2[j, tx] * us + s3[j, tx] + s4[j, tx] * vs
+            vs = s0[j, tx] * vs + s1[j, tx]
+    cuda.syncthreads()
+    sw = 0.0
+    sb = 0.0
+    if valid and t0 < t1:
+        m = sm[ty, tx]
+        vv = sv[ty, tx]
+        uc = su[ty, tx]
+        vcc = sc[ty, tx]
+        for t in range(t0, t1):
+            inv = 1.0 / math.sqrt(vv + eps)
+            xv = F8(x[t, c])
+            yv = (xv - m) * inv
+            go = F8(gout[t, c])
+            sw += go * yv
+            sb += go
+            gt = go * g - cb * vcc * yv
+            vcc += gt * yv
+            d = gt * inv - cb * uc
+            dx[t, c] = d
+            uc += d
+            dd = xv - m
+            m = m + (1.0 - a) * dd
+            vv = a * vv + a * (1.0 - a) * dd * dd
+        if t1 == N:
+            u[c] = uc
+            vc[c] = vcc
+    cuda.syncthreads()
+    s0[ty, tx] = sw
+    s1[ty, tx] = sb
+    cuda.syncthreads()
+    if ty == 0 and valid:
+        tw = 0.0
+        tb = 0.0
+        for j in range(SEGS):
+            tw += s0[j, tx]
+            tb += s1[j, tx]
+        dw[c] = tw
+        db[c] = tb
+
+
+def _use_scan(N: int) -> bool:
+    """Time runs pay off once every run has a few steps."""
+    return N >= 2 * SEGS
+
+
 def online_forward(x3, y3, mu, var, alpha, eps, w, b):
     """Advance mu, var (C,) float64 device vectors in place over x3 (N, C, L); writes y3."""
     N, C, L = x3.shape
     wd, uw = _opt(w)
     bd, ub = _opt(b)
-    if L == 1:
+    if L == 1 and _use_scan(N):
+        _k_online_fwd_scan[_blocks(C, BX), (BX, SEGS)](x3.reshape(N, C), mu, var, float(alpha), float(eps), wd, bd,
+                                                       uw, ub, y3.reshape(N, C))
+    elif L == 1:
         _k_online_fwd_cols[_blocks(C, TPB), TPB](x3.reshape(N, C), mu, var, float(alpha), float(eps), wd, bd, uw, ub,
                                                  y3.reshape(N, C))
     else:
@@ -1028,7 +1229,10 @@ def online_backward(g3, x3, dx3, mu, var, u, v, alpha, alpha_b, eps, w, update, 
     wd, uw = _opt(w)
     dw, db = vectors(template, 2, C)[1]
     args = (mu, var, u, v, float(alpha), float(alpha_b), float(eps), wd, uw, bool(update))
-    if L == 1:
+    if L == 1 and update and _use_scan(N):
+        _k_online_bwd_scan[_blocks(C, BX), (BX, SEGS)](g3.reshape(N, C), x3.reshape(N, C), mu, var, u, v, float(alpha),
+                                                       float(alpha_b), float(eps), wd, uw, dx3.reshape(N, C), dw, db)
+    elif L == 1:
         _k_online_bwd_cols[_blocks(C, TPB), TPB](g3.reshape(N, C), x3.reshape(N, C), *args, dx3.reshape(N, C), dw, db)
     else:
         _k_online_bwd_ncl[C, TPB](g3, x3, *args, dx3, dw, db)
