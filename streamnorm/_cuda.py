@@ -848,6 +848,22 @@ def clip_grad(g, a, lim: float):
 # ---------------------------------------------------------------------------
 
 
+@cuda.jit(device=True)
+def _advance(xv, m, v, a):
+    """One sample (L = 1) into the carried statistics: (μ, σ²) after it."""
+    d = xv - m
+    return m + (1.0 - a) * d, a * v + a * (1.0 - a) * d * d
+
+
+@cuda.jit(device=True)
+def _control(go, g, yv, inv, uc, vcc, cb):
+    """One sample's backward control step (L = 1): (dx, u, v) after it."""
+    gt = go * g - cb * vcc * yv
+    vcc += gt * yv
+    d = gt * inv - cb * uc
+    return d, uc + d, vcc
+
+
 @cuda.jit
 def _k_online_fwd_cols(x, mu, var, a, eps, w, b, use_w, use_b, y):
     c = cuda.grid(1)
@@ -859,9 +875,7 @@ def _k_online_fwd_cols(x, mu, var, a, eps, w, b, use_w, use_b, y):
         for n in range(x.shape[0]):
             xv = F8(x[n, c])
             y[n, c] = (xv - m) * (g / math.sqrt(v + eps)) + bb
-            d = xv - m
-            m = m + (1.0 - a) * d
-            v = a * v + a * (1.0 - a) * d * d
+            m, v = _advance(xv, m, v, a)
         mu[c] = m
         var[c] = v
 
@@ -923,14 +937,9 @@ def _k_online_bwd_cols(gout, x, mu, var, u, vc, a, ab, eps, w, use_w, update, dx
             sw += go * y
             sb += go
             if update:
-                gt = go * g - cb * vcc * y
-                vcc += gt * y
-                d = gt * inv - cb * uc
+                d, uc, vcc = _control(go, g, y, inv, uc, vcc, cb)
                 dx[n, c] = d
-                uc += d
-                dd = xv - m
-                m = m + (1.0 - a) * dd
-                vv = a * vv + a * (1.0 - a) * dd * dd
+                m, vv = _advance(xv, m, vv, a)
             else:
                 dx[n, c] = go * g * inv
         dw[c] = sw
@@ -1094,9 +1103,7 @@ def _k_online_fwd_scan(x, mu, var, a, eps, w, b, use_w, use_b, y):
         for t in range(t0, t1):
             xv = F8(x[t, c])
             y[t, c] = (xv - m) * (g / math.sqrt(v + eps)) + bb
-            d = xv - m
-            m = m + (1.0 - a) * d
-            v = a * v + a * (1.0 - a) * d * d
+            m, v = _advance(xv, m, v, a)
         if t1 == N:  # the run that ends the call carries the state on
             mu[c] = m
             var[c] = v
@@ -1142,9 +1149,7 @@ def _k_online_bwd_scan(gout, x, mu, var, u, vc, a, ab, eps, w, use_w, dx, dw, db
             f = 1.0 - cb * yv * yv
             Bv = f * Bv + gg * yv
             Av = f * Av
-            d = xv - m
-            m = m + (1.0 - a) * d
-            vv = a * vv + a * (1.0 - a) * d * d
+            m, vv = _advance(xv, m, vv, a)
     cuda.syncthreads()
     s0[ty, tx] = Av
     s1[ty, tx] = Bv
@@ -1175,14 +1180,9 @@ def _k_online_bwd_scan(gout, x, mu, var, u, vc, a, ab, eps, w, use_w, dx, dw, db
             go = F8(gout[t, c])
             sw += go * yv
             sb += go
-            gt = go * g - cb * vcc * yv
-            vcc += gt * yv
-            d = gt * inv - cb * uc
+            d, uc, vcc = _control(go, g, yv, inv, uc, vcc, cb)
             dx[t, c] = d
-            uc += d
-            dd = xv - m
-            m = m + (1.0 - a) * dd
-            vv = a * vv + a * (1.0 - a) * dd * dd
+            m, vv = _advance(xv, m, vv, a)
         if t1 == N:
             u[c] = uc
             vc[c] = vcc

@@ -24,6 +24,7 @@ from .functional import (
     RowNormCache,
     _bn_dims,
     _norm_shape,
+    _online_checks,
 )
 
 
@@ -224,13 +225,7 @@ def online_norm_forward(x, mu, var, weight, bias, *, alpha_fwd, eps, training, e
     x3 = xd.reshape(N, Ch, L)
     mu0 = _vec(mu, Ch, "mu")
     var0 = _vec(var, Ch, "var")
-    if mu0 is None or var0 is None:
-        raise ValueError("mu and var are required (start from zeros(C) and ones(C))")
-    if not 0.0 <= alpha_fwd < 1.0:
-        raise ValueError(f"alpha_fwd must be in [0, 1), got {alpha_fwd!r}")
-    if ecm not in (None, "ac", "ls"):
-        raise ValueError(f"ecm must be None, 'ac' or 'ls', got {ecm!r}")
-    eps = check_positive_float(eps, "eps")
+    eps = _online_checks(mu0, var0, alpha_fwd, ecm, eps)
     w = _vec(weight, Ch, "weight")
     b = _vec(bias, Ch, "bias")
     yo, y = C.output(x, shape, xd.dtype)

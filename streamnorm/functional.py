@@ -815,6 +815,17 @@ _ECM_CLIP = 5.0
 _ECM_LS_EPS = 1e-5
 
 
+def _online_checks(mu0, var0, alpha_fwd, ecm, eps) -> float:
+    """The scalar and state checks of :func:`online_norm_forward` (both backends); returns eps."""
+    if mu0 is None or var0 is None:
+        raise ValueError("mu and var are required (start from zeros(C) and ones(C))")
+    if not 0.0 <= alpha_fwd < 1.0:
+        raise ValueError(f"alpha_fwd must be in [0, 1), got {alpha_fwd!r}")
+    if ecm not in (None, "ac", "ls"):
+        raise ValueError(f"ecm must be None, 'ac' or 'ls', got {ecm!r}")
+    return check_positive_float(eps, "eps")
+
+
 def _online_view(x: np.ndarray) -> np.ndarray:
     if x.ndim < 2:
         raise ValueError(f"OnlineNorm expects input of shape (N, C, ...), got {x.shape}")
@@ -870,13 +881,7 @@ def online_norm_forward(
     C = x3.shape[1]
     mu0 = _vec(mu, C, "mu")
     var0 = _vec(var, C, "var")
-    if mu0 is None or var0 is None:
-        raise ValueError("mu and var are required (start from zeros(C) and ones(C))")
-    if not 0.0 <= alpha_fwd < 1.0:
-        raise ValueError(f"alpha_fwd must be in [0, 1), got {alpha_fwd!r}")
-    if ecm not in (None, "ac", "ls"):
-        raise ValueError(f"ecm must be None, 'ac' or 'ls', got {ecm!r}")
-    eps = check_positive_float(eps, "eps")
+    eps = _online_checks(mu0, var0, alpha_fwd, ecm, eps)
     w = _vec(weight, C, "weight")
     b = _vec(bias, C, "bias")
     wk = np.ones(C) if w is None else w

@@ -13,11 +13,16 @@ from .common import (
     LayerBench,
     fraction_of_bound,
     set_affine,
+    sized,
 )
 
 # (N, C) runs the channels-last kernels on an (M, C) view; (N, C, H, W) the (N, C, L)
-# kernels.  Sizes in float32: 16, 8 and 25 MiB (twice that in float64).
-SHAPES = [(65536, 64), (32, 64, 32, 32), (16, 128, 56, 56)]
+# kernels.  Sizes in float32: 16, 8 and 25 MiB (twice that in float64); on the small
+# grid 256 and 128 KiB.
+SHAPES = sized(
+    [(65536, 64), (32, 64, 32, 32), (16, 128, 56, 56)],
+    [(1024, 64), (8, 64, 8, 8)],
+)
 
 
 class _BatchNormData(LayerBench):

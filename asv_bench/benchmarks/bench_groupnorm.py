@@ -9,11 +9,11 @@ from __future__ import annotations
 from streamnorm import GroupNorm, InstanceNorm
 from streamnorm import functional as F
 
-from .common import DTYPES, Bound, Forward, ForwardBackward, LayerBench, set_affine
+from .common import DTYPES, Bound, Forward, ForwardBackward, LayerBench, set_affine, sized
 
 # (N, C, H, W) feature maps.  Sizes in float32: 8, 24.5 and 32 MiB (twice that in
-# float64).
-SHAPES = [(32, 64, 32, 32), (16, 128, 56, 56), (8, 256, 64, 64)]
+# float64); on the small grid 128 KiB.
+SHAPES = sized([(32, 64, 32, 32), (16, 128, 56, 56), (8, 256, 64, 64)], [(8, 64, 8, 8)])
 # The usual choice of the GroupNorm paper: 32 groups whatever C is.
 GROUPS = 32
 

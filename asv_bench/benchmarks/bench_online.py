@@ -21,10 +21,15 @@ from .common import (
     LayerBench,
     median_time,
     set_affine,
+    sized,
 )
 
-# Sizes in float32: 4, 32, 16 and 32 MiB (twice that in float64).
-SHAPES = [(4096, 256), (32768, 256), (256, 64, 256), (64, 128, 1024)]
+# Sizes in float32: 4, 32, 16 and 32 MiB (twice that in float64); on the small grid
+# 64 KiB for each layout.
+SHAPES = sized(
+    [(4096, 256), (32768, 256), (256, 64, 256), (64, 128, 1024)],
+    [(256, 64), (16, 16, 64)],
+)
 
 
 class _OnlineNormData(LayerBench):

@@ -14,11 +14,12 @@ import numpy as np
 
 from streamnorm import StreamScaler, normalize_stream
 
-from .common import DTYPES, fraction_of_bound, save_normal
+from .common import DTYPES, fraction_of_bound, save_normal, sized
 
 # (rows, features) of the whole stream: few features and many.  32 MiB in float32,
-# 64 MiB in float64, as the large streams of bench_stats.py.
-SHAPES = [(1 << 20, 8), (1 << 14, 512)]
+# 64 MiB in float64, as the large streams of bench_stats.py; on the small grid
+# 128 KiB in float32.
+SHAPES = sized([(1 << 20, 8), (1 << 14, 512)], [(1 << 12, 8), (64, 512)])
 N_CHUNKS = 8
 
 

@@ -15,7 +15,8 @@ Python processes started with ``sys.executable``:
 The child process times the call itself with ``time.perf_counter`` (after its imports
 and after building its small input), so interpreter start-up and imports are not part
 of the first-call numbers.  These benchmarks take seconds each; exclude them from a
-quick run with ``-b '^(?!bench_startup)'`` (docs/benchmarks.rst).
+quick run with ``-b '^(?!bench_startup)'``, or run them on the small grid of
+common.py, which keeps one operation and one process per median (docs/benchmarks.rst).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
+
+from .common import SMALL
 
 # Seconds a child process may take before it is killed and the benchmark fails.  A
 # cold first training step of BatchNorm compiles a dozen kernels (several seconds on
@@ -90,13 +93,20 @@ print(json.dumps({"seconds": seconds}))
 
 # One representative operation per kind of kernel: the streaming moments, a layer
 # over the batch axis (forward and backward), a layer over the last axis, and the
-# sample-by-sample recurrences of OnlineNorm.
+# sample-by-sample recurrences of OnlineNorm.  The small grid (common.py) keeps only
+# the first.
 OPERATIONS = [
     "running_stats_update",
     "batchnorm_forward_backward",
     "layernorm_forward",
     "onlinenorm_forward",
 ]
+if SMALL:
+    OPERATIONS = OPERATIONS[:1]
+
+# Processes whose median a warm-cache first call or an import reports; one on the
+# small grid, which only checks that the benchmarks run.
+REPEATS = 1 if SMALL else 3
 
 
 def run_child(code: str, args=(), cache_dir: str | None = None) -> float:
@@ -157,14 +167,15 @@ class FirstCallColdCache(_FirstCall):
 
 class FirstCallWarmCache(_FirstCall):
     """Seconds of the first call in a new process whose numba cache a previous process
-    filled: loading the compiled kernels.  The median of three processes."""
+    filled: loading the compiled kernels.  The median of :data:`REPEATS` processes
+    (three)."""
 
     def setup(self, operation):
         super().setup(operation)
         self.first_call(operation)  # compiles and fills the cache
 
     def track_first_call(self, operation):
-        return statistics.median(self.first_call(operation) for _ in range(3))
+        return statistics.median(self.first_call(operation) for _ in range(REPEATS))
 
 
 def setup_import():
@@ -175,8 +186,9 @@ def setup_import():
 
 
 def track_import_seconds():
-    """Seconds of ``import streamnorm`` in a fresh process, the median of three."""
-    return statistics.median(run_child(_IMPORT) for _ in range(3))
+    """Seconds of ``import streamnorm`` in a fresh process, the median of
+    :data:`REPEATS` (three)."""
+    return statistics.median(run_child(_IMPORT) for _ in range(REPEATS))
 
 
 track_import_seconds.setup = setup_import

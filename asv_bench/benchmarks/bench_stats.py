@@ -6,17 +6,19 @@ import numpy as np
 
 from streamnorm import RunningStats
 
-from .common import DTYPES, fraction_of_bound, normal
+from .common import DTYPES, fraction_of_bound, normal, sized
 
 # (rows, features) of the whole stream; it arrives in N_CHUNKS chunks of rows.  The
 # first is small (call overhead); the others are 32 MiB in float32, 64 MiB in float64,
 # one with few wide-apart features and one with many.
 STREAM_SHAPES = [(4096, 64), (1 << 20, 8), (1 << 14, 512)]
+# The small grid: few features and many, 128 KiB in float32.
+SMALL_STREAM_SHAPES = [(1 << 12, 8), (64, 512)]
 N_CHUNKS = 4
 
 
 class _Stream:
-    params = [STREAM_SHAPES, DTYPES]
+    params = [sized(STREAM_SHAPES, SMALL_STREAM_SHAPES), DTYPES]
     param_names = ["shape", "dtype"]
 
     def setup(self, shape, dtype):
@@ -60,7 +62,7 @@ class RunningStatsUpdateDecay(_Stream):
 class RunningStatsMerge:
     """Chan merge of two states, the cost of combining partial results."""
 
-    params = [[8, 4096, 1 << 18]]
+    params = [sized([8, 4096, 1 << 18], [8])]
     param_names = ["features"]
 
     def setup(self, features):
@@ -79,7 +81,7 @@ class RunningStatsBound(_Stream):
     The small stream is left out: it fits in cache, where memory is not the limit.
     """
 
-    params = [STREAM_SHAPES[1:], DTYPES]
+    params = [sized(STREAM_SHAPES[1:], SMALL_STREAM_SHAPES), DTYPES]
     unit = "fraction of bound"
 
     def track_update(self, shape, dtype):

@@ -34,6 +34,18 @@ kernels run on all of numba's threads, so on a machine where one core cannot sat
 memory the fraction can exceed 1.  And an input that fits in the last-level cache is
 not limited by memory at all; the shapes tracked here are 8 MiB and up for that
 reason, but a large cache can still hold the smaller ones.
+
+The small grid
+--------------
+With the environment variable ``STREAMNORM_ASV_SMALL`` set to anything but ``""``
+or ``"0"``, every file swaps its shapes for small ones (:func:`sized`): one small
+case of each input layout, both dtypes, every class and every measured method, so
+that ``asv run --quick`` executes each benchmark at least once in a minute or two
+(docs/benchmarks.rst).  The copy bandwidth is then measured on 16 MiB, and the
+start-up benchmarks start fewer processes.  Such a run checks that the suite works;
+its numbers are not measurements (the small inputs sit in cache and the call
+overhead dominates, so their fractions of the bound mean nothing).  Without the
+variable the suite is the full grid, from cache-resident shapes up to 256 MiB.
 """
 
 from __future__ import annotations
@@ -46,6 +58,9 @@ import numpy as np
 
 
 SEED = 20240601
+
+#: True when ``STREAMNORM_ASV_SMALL`` asks for the small grid (see the module notes).
+SMALL = os.environ.get("STREAMNORM_ASV_SMALL", "").strip() not in ("", "0")
 
 DTYPES = ["float32", "float64"]
 
@@ -76,11 +91,21 @@ PASSES = {
     "normalize_stream_prequential": 3,
 }
 
-# At least 256 MB, as docs/math.rst asks: far larger than any cache.
-_COPY_BYTES = 256 * 1024 * 1024
+# At least 256 MB, as docs/math.rst asks: far larger than any cache.  The small grid
+# only checks that the benchmarks run, so it spares every process that allocation.
+_COPY_BYTES = (16 if SMALL else 256) * 1024 * 1024
 _COPY_REPEATS = 7
 
 _bandwidth: float | None = None
+
+
+def sized(full, small):
+    """A parameter list: ``full`` normally, ``small`` under ``STREAMNORM_ASV_SMALL``.
+
+    ``small`` should keep one case of each input layout of ``full`` (each takes a
+    different kernel), only smaller.
+    """
+    return list(small if SMALL else full)
 
 
 def rng(stream: int = 0) -> np.random.Generator:
@@ -114,9 +139,10 @@ def save_normal(name: str, shape, dtype, loc: float = 0.0, scale: float = 1.0, s
 def copy_bandwidth() -> float:
     """Copy bandwidth of this process in bytes per second (cached after the first call).
 
-    ``np.copyto`` of a 256 MiB float64 array into another one: one warm-up copy (which
-    also faults in the destination's pages), then the median of a few timed copies,
-    the same estimate ``python -m streamnorm bench`` makes, so the two reports agree.
+    ``np.copyto`` of a 256 MiB float64 array (16 MiB on the small grid) into another
+    one: one warm-up copy (which also faults in the destination's pages), then the
+    median of a few timed copies, the same estimate ``python -m streamnorm bench``
+    makes, so the two reports agree.
     """
     global _bandwidth
     if _bandwidth is None:
