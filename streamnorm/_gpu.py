@@ -23,6 +23,7 @@ from .functional import (
     OnlineNormCache,
     RowNormCache,
     _bn_dims,
+    _bn_stat_mode,
     _norm_shape,
     _online_checks,
 )
@@ -103,20 +104,10 @@ def batch_norm_forward(x, weight, bias, *, mean, var, eps, axis, prior_mean, pri
     count = n * l
     w = _vec(weight, c, "weight")
     b = _vec(bias, c, "bias")
-    if (mean is None) != (var is None):
-        raise ValueError("pass both mean and var (eval mode) or neither (batch statistics)")
-    p = float(prior_weight)
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"prior_weight must be in [0, 1], got {prior_weight!r}")
-    batch_stats = mean is None
+    batch_stats, p = _bn_stat_mode(mean, var, prior_weight, count, shape)
     cf = 1.0
     pm = pv = mi = vi = None
     if batch_stats:
-        if count <= 1:
-            raise ValueError(
-                f"BatchNorm with batch statistics needs more than 1 value per channel, got input of "
-                f"shape {shape} ({count} value per channel): the variance is undefined"
-            )
         cf = count / (count - 1) if unbiased else 1.0
         if p > 0.0:
             pm, pv = _vec(prior_mean, c, "prior_mean"), _vec(prior_var, c, "prior_var")

@@ -117,6 +117,21 @@ def _bn_dims(shape: tuple[int, ...], axis: int) -> tuple[int, int, int]:
     return n, int(shape[ax]), l
 
 
+def _bn_stat_mode(mean, var, prior_weight, count: int, shape) -> tuple[bool, float]:
+    """(batch statistics?, prior weight p), checked (both backends)."""
+    if (mean is None) != (var is None):
+        raise ValueError("pass both mean and var (eval mode) or neither (batch statistics)")
+    p = float(prior_weight)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"prior_weight must be in [0, 1], got {prior_weight!r}")
+    if mean is None and count <= 1:
+        raise ValueError(
+            f"BatchNorm with batch statistics needs more than 1 value per channel, got input of "
+            f"shape {tuple(shape)} ({count} value per channel): the variance is undefined"
+        )
+    return mean is None, p
+
+
 def _bn_view(x: np.ndarray, axis: int) -> tuple[np.ndarray, bool, int]:
     """Canonical view for BatchNorm: (M, C) if the channel axis is last, else (N, C, L)."""
     n, c, l = _bn_dims(x.shape, axis)
@@ -239,20 +254,10 @@ def batch_norm_forward(
     count = x.size // C if C else 0
     w = _vec(weight, C, "weight")
     b = _vec(bias, C, "bias")
-    if (mean is None) != (var is None):
-        raise ValueError("pass both mean and var (eval mode) or neither (batch statistics)")
-    p = float(prior_weight)
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"prior_weight must be in [0, 1], got {prior_weight!r}")
-    batch_stats = mean is None
+    batch_stats, p = _bn_stat_mode(mean, var, prior_weight, count, x.shape)
     bmu = bvar = None
     c = 1.0
     if batch_stats:
-        if count <= 1:
-            raise ValueError(
-                f"BatchNorm with batch statistics needs more than 1 value per channel, got input of "
-                f"shape {x.shape} ({count} value per channel): the variance is undefined"
-            )
         _, bmu, bvar = batch_moments(x3, axis=1)
         c = count / (count - 1) if unbiased else 1.0
         mu, v = bmu, bvar * c
