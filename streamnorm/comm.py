@@ -37,6 +37,15 @@ class Communicator(Protocol):
         This process's index, ``0 <= rank < size``.
     size : int
         The number of processes taking part.
+
+    Examples
+    --------
+    The protocol is checked by structure, not by inheritance:
+
+    >>> isinstance(SelfCommunicator(), Communicator)
+    True
+    >>> isinstance(object(), Communicator)
+    False
     """
 
     rank: int
@@ -51,6 +60,12 @@ class SelfCommunicator:
     """The communicator of a single process: ``size`` 1, ``allgather(obj) == [obj]``.
 
     With it a synchronized layer is exactly the plain layer, without MPI installed.
+
+    Examples
+    --------
+    >>> comm = SelfCommunicator()
+    >>> comm.rank, comm.size, comm.allgather({"n": 3})
+    (0, 1, [{'n': 3}])
     """
 
     rank = 0
@@ -79,6 +94,15 @@ class MPICommunicator:
     the same collective calls in the same order: a rank that skips one (a train-mode
     forward on one rank and an eval-mode forward on another, say) leaves the others
     waiting for ever, as with any MPI program.
+
+    Examples
+    --------
+    In a script started with ``mpiexec -n 2 python script.py``, every rank sees every
+    rank's object:
+
+    >>> comm = MPICommunicator()                   # doctest: +SKIP
+    >>> comm.allgather(comm.rank)                  # doctest: +SKIP
+    [0, 1]
     """
 
     def __init__(self, comm=None) -> None:
@@ -108,7 +132,26 @@ class MPICommunicator:
 
 def as_communicator(comm) -> Communicator:
     """``comm`` itself if it has ``rank``, ``size`` and ``allgather``; None gives a
-    :class:`SelfCommunicator`; anything else raises ``TypeError``."""
+    :class:`SelfCommunicator`; anything else raises ``TypeError``.
+
+    Examples
+    --------
+    >>> as_communicator(None)
+    SelfCommunicator()
+
+    Any object with the three members will do, a stand-in for two ranks for instance:
+
+    >>> class Pretend:
+    ...     rank, size = 1, 2
+    ...     def allgather(self, obj):
+    ...         return ["rank 0's object", obj]
+    >>> as_communicator(Pretend()).allgather("mine")
+    ["rank 0's object", 'mine']
+    >>> as_communicator("localhost")
+    Traceback (most recent call last):
+    ...
+    TypeError: a communicator needs rank, size and allgather(obj) -> list; got str
+    """
     if comm is None:
         return SelfCommunicator()
     if isinstance(comm, Communicator):
@@ -123,6 +166,11 @@ class RankFailure(NamedTuple):
 
     The other ranks receive it from the same collective and raise too, so an error on
     one rank stops every rank instead of leaving them waiting in the next collective.
+
+    Examples
+    --------
+    >>> RankFailure(1, "ValueError: bad shape")
+    RankFailure(rank=1, message='ValueError: bad shape')
     """
 
     rank: int
@@ -153,6 +201,22 @@ def allgather_checked(comm: Communicator, payload: Any, error: BaseException | N
     RuntimeError
         On the ranks that did not fail, when another rank did (the message names the
         rank and its error); the failing rank raises its own ``error``.
+
+    Examples
+    --------
+    >>> allgather_checked(SelfCommunicator(), (3, 4.5))
+    [(3, 4.5)]
+
+    Seen from rank 0 of two, when rank 1's local work failed:
+
+    >>> class TwoRanks:
+    ...     rank, size = 0, 2
+    ...     def allgather(self, obj):
+    ...         return [obj, RankFailure(1, "ValueError: dy has the wrong shape")]
+    >>> allgather_checked(TwoRanks(), "fine", what="backward")
+    Traceback (most recent call last):
+    ...
+    RuntimeError: backward failed on another rank (rank 1: ValueError: dy has the wrong shape)
     """
     sent = payload if error is None else RankFailure(int(comm.rank), f"{type(error).__name__}: {error}")
     got = list(comm.allgather(sent))

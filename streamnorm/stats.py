@@ -61,6 +61,19 @@ class RunningStats:
     array([5., 6.])
     >>> rs.var
     array([11.66666667, 11.66666667])
+
+    States built apart merge exactly, with Chan's formula:
+
+    >>> a, b = RunningStats().update(x[:2]), RunningStats().update(x[2:])
+    >>> (a + b).mean
+    array([5., 6.])
+
+    With ``decay`` the statistics forget: the second chunk weighs ``decay`` and the
+    variance includes the distance between the two chunks' means.
+
+    >>> ew = RunningStats(decay=0.5).update(np.zeros((3, 1))).update(np.full((3, 1), 2.0))
+    >>> ew.mean, ew.var
+    (array([1.]), array([1.]))
     """
 
     def __init__(self, *, decay: float | None = None, nan_policy: NanPolicy = "propagate"):
@@ -100,7 +113,15 @@ class RunningStats:
         return m.reshape(self._shape)
 
     def variance(self, ddof: int = 0) -> np.ndarray:
-        """``M2 / (count - ddof)``; NaN where ``count <= ddof``.  float64, shape (*features)."""
+        """``M2 / (count - ddof)``; NaN where ``count <= ddof``.  float64, shape (*features).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> rs = RunningStats().update(np.array([[1.0], [2.0], [3.0], [4.0]]))
+        >>> rs.variance(), rs.variance(ddof=1)
+        (array([1.25]), array([1.66666667]))
+        """
         self._require()
         if ddof < 0:
             raise ValueError(f"ddof must be >= 0, got {ddof}")
@@ -142,6 +163,12 @@ class RunningStats:
         Returns ``(feature_shape, n, mean, M2)`` with flat float64 arrays.  Used by
         :meth:`update`; exposed for code that wants per-chunk statistics.  A dask array
         is reduced where its blocks live (see :mod:`streamnorm.dask`) and computed once.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> RunningStats().chunk_moments(np.arange(12.0).reshape(6, 2))
+        ((2,), array([6., 6.]), array([5., 6.]), array([70., 70.]))
         """
         if _is_dask_array(x):
             from .dask import chunk_moments
@@ -203,6 +230,18 @@ class RunningStats:
         Returns
         -------
         self
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> x = np.arange(12.0).reshape(6, 2)
+        >>> RunningStats().update(x, weights=[1, 1, 1, 1, 2, 2]).mean
+        array([6., 7.])
+        >>> RunningStats().update(x, axis=None).mean     # every value, one feature
+        array(5.5)
+        >>> omit = RunningStats(nan_policy="omit").update(np.array([[1.0, np.nan], [3.0, 4.0]]))
+        >>> omit.count, omit.mean
+        (array([2., 1.]), array([2., 4.]))
         """
         return self._fold(*self.chunk_moments(x, axis=axis, weights=weights))
 
@@ -224,6 +263,16 @@ class RunningStats:
 
         Both states must have the same feature shape.  An empty ``other`` changes
         nothing.  Returns self.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> x = np.arange(12.0).reshape(6, 2)
+        >>> left = RunningStats().update(x[:2])
+        >>> left.merge(RunningStats().update(x[2:])).variance(ddof=1)
+        array([14., 14.])
+        >>> left.count
+        array([6., 6.])
         """
         if not isinstance(other, RunningStats):
             raise TypeError(f"can only merge a RunningStats, not {type(other).__name__}")
@@ -244,7 +293,17 @@ class RunningStats:
 
     # ------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
-        """Copies of the state as plain NumPy arrays and scalars (round-trips exactly)."""
+        """Copies of the state as plain NumPy arrays and scalars (round-trips exactly).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> rs = RunningStats().update(np.arange(12.0).reshape(6, 2))
+        >>> sorted(rs.state_dict())
+        ['count', 'decay', 'm2', 'mean', 'nan_policy', 'shape']
+        >>> RunningStats.from_state_dict(rs.state_dict()).mean
+        array([5., 6.])
+        """
         d: dict[str, Any] = {
             "decay": np.float64(np.nan if self.decay is None else self.decay),
             "nan_policy": np.str_(self.nan_policy),
