@@ -288,7 +288,10 @@ class StreamScaler(*_BASES):  # type: ignore[misc]
         self.mean_ = mean.copy() if self.with_mean or self.with_std else None
         self.var_ = var if self.with_std else None
         if self.with_std:
-            self.scale_ = np.maximum(np.sqrt(np.where(np.isnan(var), 0.0, var)), float(self.min_scale))
+            # a feature without statistics (NaN: it has seen only NaN, or NaN propagated)
+            # keeps a NaN scale, so its transform is NaN rather than x / min_scale
+            with np.errstate(invalid="ignore"):
+                self.scale_ = np.where(np.isnan(var), np.nan, np.maximum(np.sqrt(var), float(self.min_scale)))
         else:
             self.scale_ = None
         if not self.with_mean and not self.with_std:

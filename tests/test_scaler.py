@@ -233,3 +233,16 @@ def test_stream_memory_is_one_chunk(tmp_path):
     assert np.isfinite(total)
     assert peak < 4 * chunk_bytes, f"peak {peak / 2**20:.1f} MiB for {chunk_bytes / 2**20:.1f} MiB chunks"
     assert data.nbytes > 20 * peak
+
+
+@pytest.mark.parametrize("with_mean", [True, False])
+@pytest.mark.parametrize("policy", ["propagate", "omit"])
+def test_feature_without_statistics_transforms_to_nan_not_to_a_huge_value(rng, policy, with_mean):
+    X = rng.normal(size=(20, 3))
+    X[:, 1] = np.nan if policy == "omit" else X[:, 1]
+    if policy == "propagate":
+        X[4, 1] = np.nan
+    sc = StreamScaler(nan_policy=policy, with_mean=with_mean).fit(X)
+    assert np.isnan(sc.scale_[1]) and np.isfinite(sc.scale_[[0, 2]]).all()
+    Z = sc.transform(np.ones((2, 3)))
+    assert np.isnan(Z[:, 1]).all() and np.isfinite(Z[:, [0, 2]]).all()
