@@ -127,9 +127,9 @@ def _ops(kind, shape, x, dy, w, b):
 
 
 def run(rows, repeat: int, inner: int, input_kind: str, size_mib: int) -> dict:
-    from numba import cuda
-
     from . import _cuda
+
+    cuda = _cuda.cuda
 
     torch = None
     try:
@@ -211,13 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     a = p.parse_args(argv)
     try:
-        from numba import cuda
-
         from . import _cuda
     except ImportError as exc:
         print(f"bench-gpu needs numba-cuda: {exc}", file=sys.stderr)
         return 2
-    if not (_cuda.SIMULATOR or cuda.is_available()):
+    if not (_cuda.SIMULATOR or _cuda.cuda.is_available()):
         print("bench-gpu needs an NVIDIA GPU (or NUMBA_ENABLE_CUDASIM=1 for a smoke run)", file=sys.stderr)
         return 2
     keys = [k.strip().lower() for k in a.ops.split(",") if k.strip()]
