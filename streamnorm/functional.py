@@ -9,6 +9,21 @@ collective call each, forward and backward.
 
 Dtypes: inputs may be float32 or float64 (integers are cast to float64); outputs have
 the input's dtype; statistics and parameter gradients are float64.
+
+Examples
+--------
+One train-mode BatchNorm step without a layer object: the forward's cache goes back
+into the backward, which returns the input gradient and the (C,) parameter gradients.
+
+>>> import numpy as np
+>>> from streamnorm import functional as F
+>>> rng = np.random.default_rng(0)
+>>> x = rng.normal(2.0, 3.0, size=(32, 4)).astype(np.float32)
+>>> weight, bias = np.ones(4), np.zeros(4)
+>>> y, cache = F.batch_norm_forward(x, weight, bias)
+>>> dx, dweight, dbias = F.batch_norm_backward(rng.standard_normal((32, 4)).astype(np.float32), cache)
+>>> y.dtype, dx.shape, dx.dtype, dweight.shape, dweight.dtype
+(dtype('float32'), (32, 4), dtype('float32'), (4,), dtype('float64'))
 """
 
 from __future__ import annotations
@@ -85,6 +100,41 @@ class BatchNormCache(NamedTuple):
     ``mean = p·prior_mean + (1 − p)·batch_mean`` and
     ``var = p·prior_var + (1 − p)·c·batch_var`` (``p = prior_weight``, ``c`` 1 or
     m/(m − 1)); train mode is ``p = 0, c = 1``.
+
+    Attributes
+    ----------
+    x3 : ndarray, shape (M, C) or (N, C, L)
+        The input's canonical view, in the input's dtype (float32 or float64).
+    cols : bool
+        True for the (M, C) view, used when nothing follows the channel axis.
+    mean, var : ndarray of float64, shape (C,)
+        The statistics x was normalized with.
+    rstd : ndarray of float64, shape (C,)
+        ``1/sqrt(var + eps)``.
+    weight : ndarray of float64, shape (C,), or None
+        γ, or None for no scale.
+    count : int
+        m, the number of values per channel.
+    batch_stats : bool
+        True when the batch's statistics (blended or not) were used.
+    shape : tuple of int
+        The shape of the forward input.
+    batch_mean, batch_var : ndarray of float64, shape (C,), or None
+        The batch's own mean and biased variance.
+    prior_weight : float
+        p, the weight of the prior in the blend.
+    var_factor : float
+        c, the factor of the batch variance: 1, or m/(m − 1) with ``unbiased=True``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from streamnorm import functional as F
+    >>> y, cache = F.batch_norm_forward(np.arange(12.0).reshape(6, 2))
+    >>> cache.count, cache.batch_stats, cache.cols, cache.x3.shape
+    (6, True, True, (6, 2))
+    >>> cache.batch_mean, cache.batch_var
+    (array([5., 6.]), array([11.66666667, 11.66666667]))
     """
 
     x3: np.ndarray
@@ -144,7 +194,29 @@ def _bn_view(x: np.ndarray, axis: int) -> tuple[np.ndarray, bool, int]:
 def batch_moments(x, axis: int = 1):
     """Per-channel (count, mean, biased var) of x over every axis but the channel axis.
 
-    Returns ``(m, mean, var)`` with m an int and (C,) float64 arrays.
+    Parameters
+    ----------
+    x : array_like, shape (N, C, *S) or, with ``axis=-1``, (N, *S, C)
+        float32 or float64; integers are cast to float64.
+    axis : int
+        The channel axis (1 by default; -1 for channels-last).
+
+    Returns
+    -------
+    m : int
+        The number of values per channel, ``x.size // C``.
+    mean, var : ndarray of float64, shape (C,)
+        Mean and biased (population) variance per channel; NaN when m is 0.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from streamnorm import functional as F
+    >>> F.batch_moments(np.arange(12.0).reshape(6, 2))
+    (6, array([5., 6.]), array([11.66666667, 11.66666667]))
+    >>> m, mean, var = F.batch_moments(np.ones((2, 5, 3), dtype=np.float32), axis=-1)
+    >>> m, mean.shape, mean.dtype
+    (10, (3,), dtype('float64'))
     """
     if is_device(x):
         return _gpu().batch_moments(x, axis)
@@ -229,6 +301,7 @@ def batch_norm_forward(
         ``σ² = p·prior_var + (1-p)·σ²_b`` with ``p = prior_weight``; the backward is
         exact for the blend.  Test-time adaptation is built on this.
     prior_weight : float in [0, 1]
+        p, the weight of the prior; 0 (the default) uses the batch's statistics alone.
     unbiased : bool
         Blend the batch's unbiased variance ``σ²_b·m/(m-1)`` instead of the biased one.
     out : ndarray, optional
@@ -242,6 +315,41 @@ def batch_norm_forward(
         ``cache.mean`` and ``cache.var`` are the statistics used; ``cache.batch_mean``
         and ``cache.batch_var`` the batch's own (biased) ones, for updating running
         statistics; ``cache.count`` the number of values per channel.
+
+    Examples
+    --------
+    Batch statistics (train mode): every channel comes out with mean 0 and variance 1,
+    in the input's dtype, while the statistics are float64.
+
+    >>> import numpy as np
+    >>> from streamnorm import functional as F
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.normal(3.0, 2.0, size=(256, 4)).astype(np.float32)
+    >>> y, cache = F.batch_norm_forward(x)
+    >>> y.shape, y.dtype, cache.mean.dtype, cache.count
+    ((256, 4), dtype('float32'), dtype('float64'), 256)
+    >>> np.allclose(y.mean(axis=0), 0, atol=1e-5), np.allclose(y.var(axis=0), 1, atol=1e-3)
+    (True, True)
+
+    Given statistics (eval mode), with γ and β:
+
+    >>> y, _ = F.batch_norm_forward([[1.0, 4.0]], [2.0, 2.0], [1.0, 1.0], mean=[1.0, 2.0], var=[1.0, 4.0])
+    >>> y.round(4)
+    array([[1., 3.]])
+
+    Channels-last input with ``axis=-1`` gives what channels-first input gives:
+
+    >>> x4 = rng.standard_normal((2, 3, 3, 4))                      # (N, H, W, C)
+    >>> y_last, _ = F.batch_norm_forward(x4, axis=-1)
+    >>> y_first, _ = F.batch_norm_forward(x4.transpose(0, 3, 1, 2))  # (N, C, H, W)
+    >>> np.allclose(y_last, y_first.transpose(0, 2, 3, 1))
+    True
+
+    A blend with a prior, as test-time adaptation uses it:
+
+    >>> _, cache = F.batch_norm_forward(x, prior_mean=np.zeros(4), prior_var=np.ones(4), prior_weight=0.25)
+    >>> np.allclose(cache.mean, 0.75 * cache.batch_mean)
+    True
     """
     if is_device(x):
         return _gpu().batch_norm_forward(
@@ -288,7 +396,9 @@ def batch_norm_backward(dy, cache: BatchNormCache, out: np.ndarray | None = None
     Parameters
     ----------
     dy : array_like, the shape of the forward input
+        float32 or float64.
     cache : BatchNormCache, from :func:`batch_norm_forward`
+        The forward's cache; it holds a reference to the input.
     out : ndarray, optional
         A preallocated C-contiguous array for dx (the input's shape, dtype
         ``result_type(x, dy)``) that overlaps neither x nor dy.
@@ -297,6 +407,35 @@ def batch_norm_backward(dy, cache: BatchNormCache, out: np.ndarray | None = None
     -------
     dx : ndarray, the shape of the input, dtype ``result_type(x, dy)``
     dweight, dbias : ndarray of float64, shape (C,)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from streamnorm import functional as F
+    >>> rng = np.random.default_rng(0)
+    >>> x, dy = rng.standard_normal((64, 3)), rng.standard_normal((64, 3))
+    >>> w = np.array([1.0, 2.0, 0.5])
+    >>> y, cache = F.batch_norm_forward(x, w)
+    >>> dx, dweight, dbias = F.batch_norm_backward(dy, cache)
+    >>> dx.shape, dx.dtype, dweight.shape, dbias.dtype
+    ((64, 3), dtype('float64'), (3,), dtype('float64'))
+    >>> np.allclose(dbias, dy.sum(axis=0)), np.allclose(dx.sum(axis=0), 0)
+    (True, True)
+
+    ``dx`` is the exact gradient of the loss ``Σ y·dy``; a central difference agrees:
+
+    >>> loss = lambda x: (F.batch_norm_forward(x, w)[0] * dy).sum()
+    >>> e = np.zeros_like(x)
+    >>> e[5, 1] = 1e-6
+    >>> np.allclose((loss(x + e) - loss(x - e)) / 2e-6, dx[5, 1], rtol=1e-5)
+    True
+
+    With given statistics (eval mode) the statistics are constants: ``dx = γ·r·dy``.
+
+    >>> _, cache = F.batch_norm_forward(x, w, mean=np.zeros(3), var=np.full(3, 4.0))
+    >>> dx, _, _ = F.batch_norm_backward(dy, cache)
+    >>> np.allclose(dx, w * dy / np.sqrt(4.0 + 1e-5))
+    True
     """
     if is_device(cache.x3):
         return _gpu().batch_norm_backward(dy, cache, out)
@@ -349,6 +488,24 @@ class SyncBatchNormCache(NamedTuple):
     union of every rank's batch, its ``count`` the values per channel on this rank.
     ``count`` is m, the values per channel over all ranks, and ``counts`` each rank's
     share, in rank order.
+
+    Attributes
+    ----------
+    local : BatchNormCache
+        This rank's cache; ``local.mean``, ``local.var`` and ``local.rstd`` are (C,)
+        float64 and the same on every rank.
+    count : int
+        m, the number of values per channel over all ranks.
+    counts : tuple of int
+        Each rank's number of values per channel, in rank order.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from streamnorm import functional as F
+    >>> _, cache = F.sync_batch_norm_forward(np.arange(12.0).reshape(6, 2))   # one process
+    >>> cache.count, cache.counts, cache.local.mean
+    (6, (6,), array([5., 6.]))
     """
 
     local: BatchNormCache
@@ -397,6 +554,22 @@ def sync_batch_norm_forward(x, weight=None, bias=None, comm=None, *, eps: float 
     RuntimeError
         On every other rank, when one rank's input is invalid (that rank raises its own
         error): no rank is left waiting in a later collective.
+
+    Examples
+    --------
+    Without a communicator (a single process) it is :func:`batch_norm_forward` in train
+    mode; with one, every rank runs the same lines on its own batch
+    (:doc:`/sync_batchnorm` shows an MPI job).
+
+    >>> import numpy as np
+    >>> from streamnorm import functional as F
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.normal(1.0, 2.0, size=(16, 3, 5)).astype(np.float32)
+    >>> y, cache = F.sync_batch_norm_forward(x, np.ones(3), np.zeros(3))
+    >>> y.shape, y.dtype, cache.count, cache.local.var.dtype
+    ((16, 3, 5), dtype('float32'), 80, dtype('float64'))
+    >>> np.allclose(y, F.batch_norm_forward(x, np.ones(3), np.zeros(3))[0], atol=1e-6)
+    True
     """
     comm = as_communicator(comm)
     try:
@@ -465,7 +638,9 @@ def sync_batch_norm_backward(dy, cache: SyncBatchNormCache, comm=None):
     Parameters
     ----------
     dy : array_like, the shape of this rank's forward input
+        float32 or float64.
     cache : SyncBatchNormCache, from :func:`sync_batch_norm_forward`
+        The forward's cache.
     comm : Communicator, optional
         The communicator of the forward.
 
@@ -474,6 +649,22 @@ def sync_batch_norm_backward(dy, cache: SyncBatchNormCache, comm=None):
     dx : ndarray, the shape of the input, dtype ``result_type(x, dy)``
     dweight, dbias : ndarray of float64, shape (C,)
         The global sums, identical on every rank.
+
+    Examples
+    --------
+    In a single process it is the train-mode :func:`batch_norm_backward`:
+
+    >>> import numpy as np
+    >>> from streamnorm import functional as F
+    >>> rng = np.random.default_rng(0)
+    >>> x, dy = rng.standard_normal((16, 3)), rng.standard_normal((16, 3))
+    >>> _, cache = F.sync_batch_norm_forward(x)
+    >>> dx, dweight, dbias = F.sync_batch_norm_backward(dy, cache)
+    >>> dx.shape, dweight.shape, dbias.dtype
+    ((16, 3), (3,), dtype('float64'))
+    >>> _, ref_cache = F.batch_norm_forward(x)
+    >>> all(np.allclose(a, b) for a, b in zip((dx, dweight, dbias), F.batch_norm_backward(dy, ref_cache)))
+    True
     """
     comm = as_communicator(comm)
     loc = cache.local
@@ -519,7 +710,38 @@ def sync_batch_norm_backward(dy, cache: SyncBatchNormCache, comm=None):
 
 
 class RowNormCache(NamedTuple):
-    """What the row-wise backward needs: the (R, D) input view and (R,) float64 stats."""
+    """What the row-wise backward needs: the (R, D) input view and (R,) float64 stats.
+
+    R is the number of rows, ``prod(B)`` for input (*B, *normalized_shape), and D the
+    number of values per row, ``prod(normalized_shape)``.
+
+    Attributes
+    ----------
+    x2 : ndarray, shape (R, D)
+        The input's contiguous row view, in the input's dtype (float32 or float64).
+    mean : ndarray of float64, shape (R,)
+        Row means (zeros for RMSNorm, which does not center).
+    rstd : ndarray of float64, shape (R,)
+        ``1/sqrt(var + eps)`` per row, or ``1/sqrt(mean(x²) + eps)`` for RMSNorm.
+    weight : ndarray of float64, shape (D,)
+        γ, flattened (ones when the forward had none).
+    has_weight, has_bias : bool
+        Whether the forward had a weight and a bias.
+    center : bool
+        True for LayerNorm, False for RMSNorm.
+    normalized_shape : tuple of int
+        The trailing shape normalized together.
+    shape : tuple of int
+        The shape of the forward input.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from streamnorm import functional as F
+    >>> y, cache = F.layer_norm_forward(np.zeros((2, 3, 4), dtype=np.float32), (3, 4))
+    >>> cache.x2.shape, cache.mean.shape, cache.rstd.dtype, cache.has_weight
+    ((2, 12), (2,), dtype('float64'), False)
+    """
 
     x2: np.ndarray
     mean: np.ndarray
@@ -592,11 +814,13 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps: float =
     Parameters
     ----------
     x : array_like, shape (*B, *normalized_shape), float32 or float64
+        The input; integers are cast to float64.
     normalized_shape : int or tuple of int
         The trailing dimensions D to normalize over.
     weight, bias : array_like of shape normalized_shape, optional
         Elementwise γ and β.
     eps : float
+        Added to the variance under the square root.
     out : ndarray, optional
         A preallocated C-contiguous output of x's shape and dtype, not overlapping x.
 
@@ -606,6 +830,26 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps: float =
     cache : RowNormCache
         ``cache.mean`` and ``cache.rstd`` are the (R,) float64 row statistics,
         R = prod(B).
+
+    Examples
+    --------
+    Each row of D values comes out with mean 0 and variance 1:
+
+    >>> import numpy as np
+    >>> from streamnorm import functional as F
+    >>> y, cache = F.layer_norm_forward(np.array([[1.0, 2.0, 3.0]]), 3)
+    >>> y.round(4), cache.mean, cache.rstd.round(4)
+    (array([[-1.2247,  0.    ,  1.2247]]), array([2.]), array([1.2247]))
+
+    A batch of sequences, normalized over the feature axis, with γ and β:
+
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.normal(5.0, 2.0, size=(2, 3, 8)).astype(np.float32)   # (batch, time, features)
+    >>> y, cache = F.layer_norm_forward(x, 8, np.ones(8), np.zeros(8))
+    >>> y.shape, y.dtype, cache.mean.shape
+    ((2, 3, 8), dtype('float32'), (6,))
+    >>> np.allclose(y.mean(axis=-1), 0, atol=1e-6), np.allclose(y.var(axis=-1), 1, atol=1e-4)
+    (True, True)
     """
     return _rownorm_forward(x, normalized_shape, weight, bias, eps, True, out)
 
@@ -616,11 +860,39 @@ def layer_norm_backward(dy, cache: RowNormCache, out: np.ndarray | None = None):
     With ``g = dy·γ``: ``dx = (r/D)·(D·g − Σg − x̂·Σ(g·x̂))``, ``dγ = Σ_rows dy·x̂``,
     ``dβ = Σ_rows dy``.  ``out``: as in :func:`batch_norm_backward`.
 
+    Parameters
+    ----------
+    dy : array_like, the shape of the forward input
+        float32 or float64.
+    cache : RowNormCache, from :func:`layer_norm_forward`
+        The forward's cache.
+    out : ndarray, optional
+        A preallocated C-contiguous array for dx.
+
     Returns
     -------
     dx : ndarray, the shape of ``dy``, dtype ``result_type(x, dy)``
     dweight, dbias : float64 arrays of shape normalized_shape, or None where the
         forward had no weight or bias.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from streamnorm import functional as F
+    >>> rng = np.random.default_rng(0)
+    >>> x, dy = rng.standard_normal((4, 6)), rng.standard_normal((4, 6))
+    >>> y, cache = F.layer_norm_forward(x, 6, np.full(6, 2.0), np.zeros(6))
+    >>> dx, dweight, dbias = F.layer_norm_backward(dy, cache)
+    >>> dx.shape, dweight.shape, dbias.dtype
+    ((4, 6), (6,), dtype('float64'))
+    >>> np.allclose(dx.sum(axis=-1), 0), np.allclose(dbias, dy.sum(axis=0))
+    (True, True)
+
+    Without a weight or bias in the forward, their gradients are None:
+
+    >>> _, cache = F.layer_norm_forward(x, 6)
+    >>> F.layer_norm_backward(dy, cache)[1:]
+    (None, None)
     """
     return _rownorm_backward(dy, cache, out)
 
@@ -631,11 +903,13 @@ def rms_norm_forward(x, normalized_shape, weight=None, eps: float | None = None,
     Parameters
     ----------
     x : array_like, shape (*B, *normalized_shape), float32 or float64
+        The input; integers are cast to float64.
     normalized_shape : int or tuple of int
+        The trailing dimensions D to normalize over.
     weight : array_like of shape normalized_shape, optional
+        Elementwise γ.
     eps : float or None
         None means the machine epsilon of x's dtype, as PyTorch does.
-
     out : ndarray, optional
         A preallocated C-contiguous output of x's shape and dtype, not overlapping x.
 
@@ -643,6 +917,23 @@ def rms_norm_forward(x, normalized_shape, weight=None, eps: float | None = None,
     -------
     y : ndarray, the shape and dtype of ``x``
     cache : RowNormCache
+        ``cache.rstd`` is the (R,) float64 ``1/sqrt(mean(x²) + eps)`` of each row.
+
+    Examples
+    --------
+    Each row is divided by its root mean square; nothing is subtracted:
+
+    >>> import numpy as np
+    >>> from streamnorm import functional as F
+    >>> y, cache = F.rms_norm_forward(np.array([[3.0, 4.0], [1.0, -1.0]]), 2)
+    >>> y.round(4)
+    array([[ 0.8485,  1.1314],
+           [ 1.    , -1.    ]])
+    >>> cache.rstd.round(4)
+    array([0.2828, 1.    ])
+    >>> y, _ = F.rms_norm_forward(np.ones((2, 5, 4), dtype=np.float32), 4, weight=np.full(4, 0.5))
+    >>> y.shape, y.dtype, round(float(y.max()), 6)
+    ((2, 5, 4), dtype('float32'), 0.5)
     """
     if not is_device(x):
         x = as_float_array(x)
@@ -654,12 +945,32 @@ def rms_norm_forward(x, normalized_shape, weight=None, eps: float | None = None,
 def rms_norm_backward(dy, cache: RowNormCache, out: np.ndarray | None = None):
     """RMS normalization backward: with ``g = dy·γ``, ``dx = r·(g − x̂·mean(g·x̂))``.
 
-    ``out``: as in :func:`batch_norm_backward`.
+    Parameters
+    ----------
+    dy : array_like, the shape of the forward input
+        float32 or float64.
+    cache : RowNormCache, from :func:`rms_norm_forward`
+        The forward's cache.
+    out : ndarray, optional
+        A preallocated C-contiguous array for dx, as in :func:`batch_norm_backward`.
 
     Returns
     -------
-    dx : ndarray, the shape of ``dy``
+    dx : ndarray, the shape of ``dy``, dtype ``result_type(x, dy)``
     dweight : float64 array of shape normalized_shape, or None without a weight
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from streamnorm import functional as F
+    >>> rng = np.random.default_rng(0)
+    >>> x, dy = rng.standard_normal((4, 8)), rng.standard_normal((4, 8))
+    >>> y, cache = F.rms_norm_forward(x, 8, np.ones(8))
+    >>> dx, dweight = F.rms_norm_backward(dy, cache)
+    >>> dx.shape, dweight.shape, dweight.dtype
+    ((4, 8), (8,), dtype('float64'))
+    >>> np.allclose(dweight, (dy * y).sum(axis=0))
+    True
     """
     dx, dw, _ = _rownorm_backward(dy, cache, out)
     return dx, dw
@@ -671,7 +982,32 @@ def rms_norm_backward(dy, cache: RowNormCache, out: np.ndarray | None = None):
 
 
 class GroupNormCache(NamedTuple):
-    """The contiguous (N*G, C/G, L) input view, (N*G,) float64 statistics, γ, shape."""
+    """The contiguous (N*G, C/G, L) input view, (N*G,) float64 statistics, γ, shape.
+
+    Attributes
+    ----------
+    x3 : ndarray, shape (N*G, C/G, L)
+        The input's contiguous view, in the input's dtype (float32 or float64);
+        L = prod(S).
+    mean, var : ndarray of float64, shape (N*G,)
+        Mean and biased variance of each (sample, group) block.
+    rstd : ndarray of float64, shape (N*G,)
+        ``1/sqrt(var + eps)``.
+    weight : ndarray of float64, shape (C,)
+        γ (ones when the forward had none).
+    num_groups : int
+        G.
+    shape : tuple of int
+        The shape of the forward input.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from streamnorm import functional as F
+    >>> _, cache = F.group_norm_forward(np.zeros((2, 6, 5)), 3)
+    >>> cache.x3.shape, cache.mean.shape, cache.num_groups
+    ((6, 2, 5), (6,), 3)
+    """
 
     x3: np.ndarray
     mean: np.ndarray
@@ -688,11 +1024,13 @@ def group_norm_forward(x, num_groups: int, weight=None, bias=None, eps: float = 
     Parameters
     ----------
     x : array_like, shape (N, C, *S), float32 or float64
+        The input; integers are cast to float64.
     num_groups : int
         G; C must be divisible by G.
     weight, bias : array_like of shape (C,), optional
         Per-channel γ and β.
     eps : float
+        Added to the variance under the square root.
     out : ndarray, optional
         A preallocated C-contiguous output of x's shape and dtype, not overlapping x.
 
@@ -701,6 +1039,22 @@ def group_norm_forward(x, num_groups: int, weight=None, bias=None, eps: float = 
     y : ndarray, the shape and dtype of ``x``
     cache : GroupNormCache
         ``cache.mean`` and ``cache.var`` (biased) are (N*G,) float64.
+
+    Examples
+    --------
+    Four channels in two groups: each (sample, group) block of 2·3·3 values comes out
+    with mean 0 and variance 1.
+
+    >>> import numpy as np
+    >>> from streamnorm import functional as F
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.normal(2.0, 3.0, size=(2, 4, 3, 3)).astype(np.float32)
+    >>> y, cache = F.group_norm_forward(x, 2, np.ones(4), np.zeros(4))
+    >>> y.shape, y.dtype, cache.mean.shape, cache.var.dtype
+    ((2, 4, 3, 3), dtype('float32'), (4,), dtype('float64'))
+    >>> blocks = y.reshape(2, 2, -1)                  # (N, G, C/G·H·W)
+    >>> np.allclose(blocks.mean(axis=-1), 0, atol=1e-6), np.allclose(blocks.var(axis=-1), 1, atol=1e-4)
+    (True, True)
     """
     if is_device(x):
         return _gpu().group_norm_forward(x, num_groups, weight, bias, eps, out)
@@ -730,12 +1084,32 @@ def group_norm_forward(x, num_groups: int, weight=None, bias=None, eps: float = 
 def group_norm_backward(dy, cache: GroupNormCache, out: np.ndarray | None = None):
     """Group normalization backward: the LayerNorm formulas per (sample, group) block.
 
-    ``out``: as in :func:`batch_norm_backward`.
+    Parameters
+    ----------
+    dy : array_like, the shape of the forward input
+        float32 or float64.
+    cache : GroupNormCache, from :func:`group_norm_forward`
+        The forward's cache.
+    out : ndarray, optional
+        A preallocated C-contiguous array for dx, as in :func:`batch_norm_backward`.
 
     Returns
     -------
-    dx : ndarray, the shape of ``dy``
+    dx : ndarray, the shape of ``dy``, dtype ``result_type(x, dy)``
     dweight, dbias : float64 arrays of shape (C,)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from streamnorm import functional as F
+    >>> rng = np.random.default_rng(0)
+    >>> x, dy = rng.standard_normal((2, 4, 5)), rng.standard_normal((2, 4, 5))
+    >>> _, cache = F.group_norm_forward(x, 2)
+    >>> dx, dweight, dbias = F.group_norm_backward(dy, cache)
+    >>> dx.shape, dweight.shape, dbias.dtype
+    ((2, 4, 5), (4,), dtype('float64'))
+    >>> np.allclose(dx.reshape(2, 2, -1).sum(axis=-1), 0), np.allclose(dbias, dy.sum(axis=(0, 2)))
+    (True, True)
     """
     if is_device(cache.x3):
         return _gpu().group_norm_backward(dy, cache, out)
@@ -762,8 +1136,13 @@ def instance_norm_forward(x, weight=None, bias=None, *, mean=None, var=None, eps
     Parameters
     ----------
     x : array_like, shape (N, C, *S) with prod(S) > 1 for instance statistics
+        float32 or float64; integers are cast to float64.
     weight, bias : array_like of shape (C,), optional
+        Per-channel γ and β.
     mean, var : array_like of shape (C,), optional
+        Statistics to normalize every instance with (eval mode with running statistics).
+    eps : float
+        Added to the variance under the square root.
     out : ndarray, optional
         A preallocated C-contiguous output of x's shape and dtype, not overlapping x.
 
@@ -771,7 +1150,25 @@ def instance_norm_forward(x, weight=None, bias=None, *, mean=None, var=None, eps
     -------
     y : ndarray, the shape and dtype of ``x``
     cache : GroupNormCache (instance statistics) or BatchNormCache (given statistics)
-        For instance statistics, ``cache.mean`` and ``cache.var`` are (N*C,).
+        For instance statistics, ``cache.mean`` and ``cache.var`` are (N*C,) float64.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from streamnorm import functional as F
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.normal(1.0, 2.0, size=(2, 3, 16)).astype(np.float32)   # (N, C, L)
+    >>> y, cache = F.instance_norm_forward(x)
+    >>> y.dtype, type(cache).__name__, cache.mean.shape
+    (dtype('float32'), 'GroupNormCache', (6,))
+    >>> np.allclose(y.mean(axis=-1), 0, atol=1e-6), np.allclose(y.var(axis=-1), 1, atol=1e-4)
+    (True, True)
+
+    With given statistics every instance is normalized with them:
+
+    >>> y, cache = F.instance_norm_forward(x, mean=np.ones(3), var=np.full(3, 4.0))
+    >>> type(cache).__name__, np.allclose(y, (x - 1.0) / np.sqrt(4.0 + 1e-5), atol=1e-6)
+    ('BatchNormCache', True)
     """
     if not is_device(x):
         x = as_float_array(x)
@@ -789,7 +1186,35 @@ def instance_norm_forward(x, weight=None, bias=None, *, mean=None, var=None, eps
 
 
 def instance_norm_backward(dy, cache, out: np.ndarray | None = None):
-    """Instance normalization backward; dispatches on the cache type of the forward."""
+    """Instance normalization backward; dispatches on the cache type of the forward.
+
+    Parameters
+    ----------
+    dy : array_like, the shape of the forward input
+        float32 or float64.
+    cache : GroupNormCache or BatchNormCache, from :func:`instance_norm_forward`
+        The forward's cache.
+    out : ndarray, optional
+        A preallocated C-contiguous array for dx, as in :func:`batch_norm_backward`.
+
+    Returns
+    -------
+    dx : ndarray, the shape of ``dy``, dtype ``result_type(x, dy)``
+    dweight, dbias : float64 arrays of shape (C,)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from streamnorm import functional as F
+    >>> rng = np.random.default_rng(0)
+    >>> x, dy = rng.standard_normal((2, 3, 8)), rng.standard_normal((2, 3, 8))
+    >>> _, cache = F.instance_norm_forward(x, np.ones(3), np.zeros(3))
+    >>> dx, dweight, dbias = F.instance_norm_backward(dy, cache)
+    >>> dx.shape, dweight.shape
+    ((2, 3, 8), (3,))
+    >>> np.allclose(dx.sum(axis=-1), 0), np.allclose(dbias, dy.sum(axis=(0, 2)))
+    (True, True)
+    """
     if isinstance(cache, BatchNormCache):
         return batch_norm_backward(dy, cache, out)
     return group_norm_backward(dy, cache, out)
@@ -801,7 +1226,38 @@ def instance_norm_backward(dy, cache, out: np.ndarray | None = None):
 
 
 class OnlineNormCache(NamedTuple):
-    """The (N, C, L) input view and the (C,) state *before* the forward call."""
+    """The (N, C, L) input view and the (C,) state *before* the forward call.
+
+    Attributes
+    ----------
+    x3 : ndarray, shape (N, C, L)
+        The input's contiguous view, in the input's dtype (float32 or float64);
+        L = prod(S).
+    mu0, var0 : ndarray of float64, shape (C,)
+        The carried statistics before the forward call.
+    weight : ndarray of float64, shape (C,)
+        γ (ones when the forward had none).
+    alpha_fwd, eps : float
+        The forward's options.
+    training : bool
+        True when the forward updated the statistics.
+    ecm : {None, 'ac', 'ls'}
+        The forward's error compensation.
+    out : ndarray, shape (N, C, L), or None
+        The affine output before error compensation (with ``'ac'`` or ``'ls'`` only).
+    shape : tuple of int
+        The shape of the forward input.
+    ls_rstd : optional
+        GPU input with ``ecm='ls'`` only: each sample's 1/RMS from the forward.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from streamnorm import functional as F
+    >>> *_, cache = F.online_norm_forward(np.ones((4, 2, 3)), np.zeros(2), np.ones(2))
+    >>> cache.x3.shape, cache.mu0, cache.training
+    ((4, 2, 3), array([0., 0.]), True)
+    """
 
     x3: np.ndarray
     mu0: np.ndarray
@@ -859,12 +1315,15 @@ def online_norm_forward(
     Parameters
     ----------
     x : array_like, shape (N, C, *S), float32 or float64
+        N samples in time order; integers are cast to float64.
     mu, var : array_like of shape (C,)
         The carried statistics before this call (start: zeros and ones).
     weight, bias : array_like of shape (C,), optional
+        Per-channel γ and β.
     alpha_fwd : float in [0, 1)
         Forward decay α_f.
     eps : float
+        Added to the variance under the square root.
     training : bool
         False normalizes every sample with ``mu``, ``var`` and returns them unchanged.
     ecm : {None, 'ac', 'ls'}
@@ -875,7 +1334,38 @@ def online_norm_forward(
     -------
     y : ndarray, the shape and dtype of ``x``
     new_mu, new_var : float64 ndarrays of shape (C,)
+        The statistics after the last sample (copies of ``mu``, ``var`` in eval mode).
     cache : OnlineNormCache
+
+    Examples
+    --------
+    The first sample is normalized with the starting statistics (mean 0, variance 1);
+    each later one with the exponential averages of the samples before it:
+
+    >>> import numpy as np
+    >>> from streamnorm import functional as F
+    >>> x = np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])            # (N, C): three time steps
+    >>> y, mu, var, cache = F.online_norm_forward(x, np.zeros(2), np.ones(2), alpha_fwd=0.5)
+    >>> y.round(4)
+    array([[1.    , 2.    ],
+           [2.8867, 2.4495],
+           [2.3349, 2.0207]])
+    >>> mu, var
+    (array([3.375, 4.25 ]), array([3.609375, 4.5625  ]))
+
+    Eval mode normalizes with the given statistics and returns them unchanged:
+
+    >>> y, mu2, var2, _ = F.online_norm_forward(x, mu, var, training=False)
+    >>> np.allclose(y, (x - mu) / np.sqrt(var + 1e-5)), np.array_equal(mu2, mu)
+    (True, True)
+
+    Over a long stream the statistics follow the data's:
+
+    >>> rng = np.random.default_rng(0)
+    >>> stream = rng.normal(3.0, 2.0, size=(4000, 2)).astype(np.float32)
+    >>> y, mu, var, _ = F.online_norm_forward(stream, np.zeros(2), np.ones(2), alpha_fwd=0.99)
+    >>> y.dtype, mu.round(1), var.round(1)
+    (dtype('float32'), array([3.3, 3.1]), array([4.7, 4.1]))
     """
     if is_device(x):
         return _gpu().online_norm_forward(
@@ -923,10 +1413,13 @@ def online_norm_backward(dy, cache: OnlineNormCache, u, v, *, alpha_bkw: float =
     Parameters
     ----------
     dy : array_like, the shape of the forward input
+        float32 or float64.
     cache : OnlineNormCache
+        From :func:`online_norm_forward`.
     u, v : array_like of shape (C,)
         The backward control state before this call (start: zeros).
     alpha_bkw : float in [0, 1)
+        Backward decay α_b.
 
     Returns
     -------
@@ -934,6 +1427,31 @@ def online_norm_backward(dy, cache: OnlineNormCache, u, v, *, alpha_bkw: float =
     dweight, dbias : float64 arrays of shape (C,)
     new_u, new_v : float64 arrays of shape (C,)
         Unchanged in eval mode, where ``dx = γ·dy/sqrt(var + eps)``.
+
+    Examples
+    --------
+    The control state ``u``, ``v`` is carried from call to call, as ``mu``, ``var`` are
+    in the forward:
+
+    >>> import numpy as np
+    >>> from streamnorm import functional as F
+    >>> x = np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    >>> dy = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    >>> y, mu, var, cache = F.online_norm_forward(x, np.zeros(2), np.ones(2), alpha_fwd=0.5)
+    >>> dx, dweight, dbias, u, v = F.online_norm_backward(dy, cache, np.zeros(2), np.zeros(2), alpha_bkw=0.5)
+    >>> dx.round(4)
+    array([[ 1.    ,  0.    ],
+           [-2.1666,  0.8165],
+           [ 3.9576, -1.2598]])
+    >>> dbias, u.round(4), v.round(4)
+    (array([2., 2.]), array([ 2.7909, -0.4433]), array([ 7.7997, -0.5308]))
+
+    After an eval-mode forward, ``dx = γ·dy/sqrt(var + eps)`` and the state stays put:
+
+    >>> _, _, _, cache = F.online_norm_forward(x, mu, var, training=False)
+    >>> dx, _, _, u2, v2 = F.online_norm_backward(dy, cache, u, v)
+    >>> np.allclose(dx, dy / np.sqrt(var + 1e-5)), np.array_equal(u2, u)
+    (True, True)
     """
     if is_device(cache.x3):
         return _gpu().online_norm_backward(dy, cache, u, v, alpha_bkw=alpha_bkw)

@@ -12,21 +12,86 @@ from .._validation import as_param
 
 
 def check_num_features(num_features) -> int:
-    """A positive integer channel count, or ValueError."""
+    """A positive integer channel count, or ValueError.
+
+    Parameters
+    ----------
+    num_features : int or integral float
+        The number of channels C.
+
+    Returns
+    -------
+    int
+
+    Raises
+    ------
+    ValueError
+        When ``num_features`` is not a positive integer.
+
+    Examples
+    --------
+    >>> check_num_features(4.0)
+    4
+    >>> check_num_features(0)
+    Traceback (most recent call last):
+        ...
+    ValueError: num_features must be a positive integer, got 0
+    """
     if int(num_features) != num_features or num_features <= 0:
         raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
     return int(num_features)
 
 
 def check_momentum(momentum) -> float | None:
-    """A momentum in [0, 1], or None; ValueError otherwise."""
+    """A momentum in [0, 1], or None; ValueError otherwise.
+
+    Parameters
+    ----------
+    momentum : float or None
+        The weight of a new batch in running statistics; None for a cumulative average.
+
+    Returns
+    -------
+    float or None
+
+    Raises
+    ------
+    ValueError
+        When ``momentum`` is outside [0, 1].
+
+    Examples
+    --------
+    >>> check_momentum(1), check_momentum(None)
+    (1.0, None)
+    >>> check_momentum(1.5)
+    Traceback (most recent call last):
+        ...
+    ValueError: momentum must be in [0, 1] or None, got 1.5
+    """
     if momentum is not None and not 0.0 <= float(momentum) <= 1.0:
         raise ValueError(f"momentum must be in [0, 1] or None, got {momentum!r}")
     return None if momentum is None else float(momentum)
 
 
 def running_buffers(C: int) -> dict[str, np.ndarray]:
-    """PyTorch's initial running statistics for C channels."""
+    """PyTorch's initial running statistics for C channels.
+
+    Parameters
+    ----------
+    C : int
+        The number of channels.
+
+    Returns
+    -------
+    dict[str, ndarray]
+        ``'running_mean'`` (zeros) and ``'running_var'`` (ones), float64 of shape (C,),
+        and ``'num_batches_tracked'``, an int64 scalar array (0).
+
+    Examples
+    --------
+    >>> running_buffers(2)
+    {'running_mean': array([0., 0.]), 'running_var': array([1., 1.]), 'num_batches_tracked': array(0)}
+    """
     return {
         "running_mean": np.zeros(C),
         "running_var": np.ones(C),
@@ -35,7 +100,23 @@ def running_buffers(C: int) -> dict[str, np.ndarray]:
 
 
 def affine_params(C: int) -> dict[str, np.ndarray]:
-    """Per-channel weight (ones) and bias (zeros)."""
+    """Per-channel weight (ones) and bias (zeros).
+
+    Parameters
+    ----------
+    C : int
+        The number of channels.
+
+    Returns
+    -------
+    dict[str, ndarray]
+        ``'weight'`` (ones) and ``'bias'`` (zeros), float64 of shape (C,).
+
+    Examples
+    --------
+    >>> affine_params(3)
+    {'weight': array([1., 1., 1.]), 'bias': array([0., 0., 0.])}
+    """
     return {"weight": np.ones(C), "bias": np.zeros(C)}
 
 
@@ -71,6 +152,33 @@ class Layer:
         of new pages, about one pass over the data, at the price of keeping one
         output's memory between calls.  An output you still hold, or any view of it,
         is never overwritten.  Set it to False to always allocate.
+
+    Notes
+    -----
+    Inputs may be float32 or float64 (integers are cast to float64); outputs and input
+    gradients keep the input's dtype (``result_type(x, dy)`` for a backward), while
+    ``params``, ``grads`` and the running statistics in ``buffers`` are float64.
+
+    Examples
+    --------
+    Every layer keeps this contract; here a :class:`~streamnorm.BatchNorm1d` makes one
+    training step, plain SGD on its parameters:
+
+    >>> import numpy as np
+    >>> import streamnorm as sn
+    >>> layer = sn.BatchNorm1d(3)
+    >>> isinstance(layer, sn.Layer), sorted(layer.params), sorted(layer.buffers)
+    (True, ['bias', 'weight'], ['num_batches_tracked', 'running_mean', 'running_var'])
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.standard_normal((8, 3)).astype(np.float32)
+    >>> y = layer(x)                                  # forward, in train mode
+    >>> dx = layer.backward(rng.standard_normal((8, 3)).astype(np.float32))
+    >>> y.dtype, dx.dtype, layer.grads["weight"].shape, layer.grads["weight"].dtype
+    (dtype('float32'), dtype('float32'), (3,), dtype('float64'))
+    >>> for name in layer.params:
+    ...     layer.params[name] -= 0.1 * layer.grads[name]
+    >>> layer.eval().training                         # eval mode: running statistics
+    False
     """
 
     def __init__(self) -> None:
@@ -86,12 +194,35 @@ class Layer:
 
     # -------------------------------------------------------------- contract
     def forward(self, x):  # pragma: no cover - abstract
+        """Normalize ``x``; calling the layer, ``layer(x)``, is the same.
+
+        Parameters
+        ----------
+        x : ndarray, float32 or float64
+            The input, of the shape the layer documents; integers are cast to float64.
+
+        Returns
+        -------
+        y : ndarray, the shape and dtype of ``x``
+        """
         raise NotImplementedError
 
     def backward(self, dy):  # pragma: no cover - abstract
+        """Input gradient of the last forward; fills ``grads`` (overwriting them).
+
+        Parameters
+        ----------
+        dy : ndarray, the shape of the last forward's input
+            The gradient of the loss with respect to the forward's output.
+
+        Returns
+        -------
+        dx : ndarray, the shape of ``dy``, dtype ``result_type(x, dy)``
+        """
         raise NotImplementedError
 
     def __call__(self, x):
+        """``self.forward(x)``."""
         return self.forward(x)
 
     def _require_cache(self):
@@ -174,10 +305,29 @@ class Layer:
             PyTorch tensor) instead of numba device arrays, so that an optimizer
             written for that library can update ``params`` in place.
 
+        Returns
+        -------
+        self
+
         Notes
         -----
         ``num_batches_tracked`` stays a host integer.  :meth:`state_dict` always
-        returns host NumPy arrays, wherever the layer lives.
+        returns host NumPy arrays, wherever the layer lives.  Moving drops the cache of
+        the last forward: call ``forward`` again before ``backward``.
+
+        Examples
+        --------
+        A new layer lives on the CPU; ``to('cpu')`` is then a no-op that returns the
+        layer, so calls chain:
+
+        >>> import streamnorm as sn
+        >>> layer = sn.LayerNorm(4).to("cpu")
+        >>> layer.device, type(layer.params["weight"]).__name__
+        ('cpu', 'ndarray')
+        >>> layer.to("tpu")
+        Traceback (most recent call last):
+            ...
+        ValueError: device must be 'cuda' or 'cpu', got 'tpu'
         """
         dev = str(device).lower()
         if dev not in ("cuda", "cpu"):
@@ -199,16 +349,71 @@ class Layer:
         """Move any further per-channel state a subclass keeps (hook for :meth:`to`)."""
 
     def train(self, mode: bool = True) -> "Layer":
-        """Set train mode (``mode=True``) or eval mode; returns self."""
+        """Set train mode (``mode=True``) or eval mode; returns self.
+
+        Parameters
+        ----------
+        mode : bool
+            True for train mode, False for eval mode.
+
+        Returns
+        -------
+        self
+
+        Examples
+        --------
+        In train mode a BatchNorm normalizes with the batch's statistics and updates its
+        running statistics; in eval mode it normalizes with the running statistics:
+
+        >>> import numpy as np
+        >>> import streamnorm as sn
+        >>> bn = sn.BatchNorm1d(2, momentum=None)         # running stats: plain average
+        >>> x = np.array([[0.0, 10.0], [2.0, 30.0]])
+        >>> bn.train()(x).round(4)
+        array([[-1., -1.],
+               [ 1.,  1.]])
+        >>> bn.running_mean, bn.running_var
+        (array([ 1., 20.]), array([  2., 200.]))
+        >>> bn.train(False).training
+        False
+        >>> bn(np.array([[1.0, 20.0]]))
+        array([[0., 0.]])
+        """
         self.training = bool(mode)
         return self
 
     def eval(self) -> "Layer":
-        """Set eval mode; returns self."""
+        """Set eval mode; returns self.  The same as ``train(False)``.
+
+        Returns
+        -------
+        self
+
+        Examples
+        --------
+        >>> import streamnorm as sn
+        >>> bn = sn.BatchNorm1d(4).eval()
+        >>> bn.training, bn.train().training
+        (False, True)
+        """
         return self.train(False)
 
     def zero_grad(self) -> None:
-        """Set every gradient to zeros."""
+        """Set every gradient to zeros (float64 arrays of the parameters' shapes).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import streamnorm as sn
+        >>> ln = sn.LayerNorm(3)
+        >>> _ = ln(np.array([[1.0, 2.0, 4.0]]))
+        >>> _ = ln.backward(np.array([[1.0, 0.0, 0.0]]))
+        >>> ln.grads["bias"]
+        array([1., 0., 0.])
+        >>> ln.zero_grad()
+        >>> ln.grads["bias"]
+        array([0., 0., 0.])
+        """
         if self.device == "cuda":
             self.grads = {k: _backend.to_device(np.zeros(tuple(v.shape)), self._like) for k, v in self.params.items()}
         else:
@@ -216,7 +421,37 @@ class Layer:
 
     # ----------------------------------------------------------- state dicts
     def state_dict(self) -> dict[str, np.ndarray]:
-        """Host NumPy copies of parameters and buffers under PyTorch's key names (on any device)."""
+        """Host NumPy copies of parameters and buffers under PyTorch's key names (on any device).
+
+        Returns
+        -------
+        dict[str, ndarray]
+            ``params`` and ``buffers`` together, as float64 arrays of their shapes, and
+            ``'num_batches_tracked'`` as an int64 scalar array where the layer has one.
+            The arrays are copies: changing them does not change the layer.
+
+        Examples
+        --------
+        A trained layer's state goes into a fresh layer, which then computes the same:
+
+        >>> import numpy as np
+        >>> import streamnorm as sn
+        >>> rng = np.random.default_rng(0)
+        >>> bn = sn.BatchNorm1d(3)
+        >>> for _ in range(5):
+        ...     _ = bn(rng.normal(2.0, 3.0, size=(16, 3)))
+        >>> state = bn.state_dict()
+        >>> sorted(state), state["running_mean"].dtype, int(state["num_batches_tracked"])
+        (['bias', 'num_batches_tracked', 'running_mean', 'running_var', 'weight'], dtype('float64'), 5)
+        >>> restored = sn.BatchNorm1d(3)
+        >>> restored.load_state_dict(state)
+        >>> x = rng.standard_normal((4, 3))
+        >>> np.array_equal(restored.eval()(x), bn.eval()(x))
+        True
+
+        The keys are PyTorch's, so ``np.savez("bn.npz", **state)`` or
+        ``{k: torch.from_numpy(v) for k, v in state.items()}`` carry it to either side.
+        """
         out = {k: _backend.to_host(v) for k, v in self.params.items()}
         out.update({k: _backend.to_host(v) for k, v in self.buffers.items()})
         return out
@@ -227,6 +462,41 @@ class Layer:
         Every entry is checked (names, shapes, dtypes) before anything is assigned, so a
         bad state dict raises and leaves the layer unchanged.  With ``strict=False``
         missing and unexpected keys are ignored; misshapen ones still raise.
+
+        Parameters
+        ----------
+        state : mapping of str to array_like
+            Real-valued arrays of the shapes of ``params`` and ``buffers`` (stored as
+            float64 copies), and a non-negative integer scalar for
+            ``'num_batches_tracked'``: NumPy arrays, lists, PyTorch CPU tensors.
+        strict : bool
+            Require exactly the layer's keys.
+
+        Returns
+        -------
+        None
+
+        Raises
+        ------
+        KeyError
+            With ``strict=True``, when keys are missing or unexpected.
+        ValueError, TypeError
+            When an entry has the wrong shape or is not real-valued.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import streamnorm as sn
+        >>> bn = sn.BatchNorm1d(2)
+        >>> bn.load_state_dict({"running_mean": [1, 2], "running_var": [4.0, 9.0]}, strict=False)
+        >>> bn.running_mean, bn.running_mean.dtype
+        (array([1., 2.]), dtype('float64'))
+        >>> bn.load_state_dict({"running_mean": np.zeros(3)}, strict=False)
+        Traceback (most recent call last):
+            ...
+        ValueError: running_mean has shape (3,), expected (2,)
+        >>> bn.running_mean                               # unchanged
+        array([1., 2.])
         """
         expected = {**self.params, **self.buffers}
         missing = [k for k in expected if k not in state]

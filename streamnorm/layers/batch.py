@@ -41,6 +41,42 @@ class BatchNorm(Layer):
 
     Train mode needs more than one value per channel and says so otherwise.  A forward
     that raises leaves the running statistics untouched.
+
+    Examples
+    --------
+    In train mode each channel is normalized with the batch's statistics, and the
+    running statistics take the batch in with weight ``momentum``:
+
+    >>> import numpy as np
+    >>> import streamnorm as sn
+    >>> rng = np.random.default_rng(0)
+    >>> bn = sn.BatchNorm(4)
+    >>> x = rng.normal(5.0, 2.0, size=(16, 4, 8, 8)).astype(np.float32)   # (N, C, H, W)
+    >>> y = bn(x)
+    >>> y.shape, y.dtype
+    ((16, 4, 8, 8), dtype('float32'))
+    >>> np.allclose(y.mean(axis=(0, 2, 3)), 0, atol=1e-5), np.allclose(y.var(axis=(0, 2, 3)), 1, atol=1e-3)
+    (True, True)
+    >>> bn.num_batches_tracked, bn.running_mean.round(1)
+    (1, array([0.5, 0.5, 0.5, 0.5]))
+
+    After more batches the running statistics approach the data's, and eval mode
+    normalizes with them:
+
+    >>> for _ in range(30):
+    ...     _ = bn(rng.normal(5.0, 2.0, size=(16, 4, 8, 8)).astype(np.float32))
+    >>> bn.running_mean.round(0), bn.running_var.round(0)
+    (array([5., 5., 5., 5.]), array([4., 4., 4., 4.]))
+    >>> y = bn.eval()(x)
+    >>> bool(np.abs(y.mean(axis=(0, 2, 3))).max() < 0.2), bn.num_batches_tracked   # nothing updated
+    (True, 31)
+
+    Channels-last input, (N, H, W, C), takes ``axis=-1``:
+
+    >>> bn_last = sn.BatchNorm(4, axis=-1)
+    >>> y_last = bn_last(x.transpose(0, 2, 3, 1))
+    >>> np.allclose(y_last, sn.BatchNorm(4)(x).transpose(0, 2, 3, 1), atol=1e-6)
+    True
     """
 
     _ndims: tuple[int, ...] | None = None
@@ -91,14 +127,17 @@ class BatchNorm(Layer):
 
     @property
     def running_mean(self) -> np.ndarray | None:
+        """``buffers['running_mean']``: float64 of shape (C,), or None without running statistics."""
         return self.buffers.get("running_mean")
 
     @property
     def running_var(self) -> np.ndarray | None:
+        """``buffers['running_var']`` (unbiased): float64 of shape (C,), or None without running statistics."""
         return self.buffers.get("running_var")
 
     @property
     def num_batches_tracked(self) -> int:
+        """The number of train-mode batches taken into the running statistics, an int."""
         return int(self.buffers["num_batches_tracked"]) if "num_batches_tracked" in self.buffers else 0
 
     def _wb(self):
@@ -106,7 +145,36 @@ class BatchNorm(Layer):
 
     # ----------------------------------------------------------------- forward
     def forward(self, x):
-        """Normalize ``x`` (N, C, *S) (or channels-last); returns y of x's shape and dtype."""
+        """Normalize ``x`` (N, C, *S) (or channels-last); returns y of x's shape and dtype.
+
+        Train mode (or ``track_running_stats=False``) uses the batch's statistics and, in
+        train mode, updates the running statistics; eval mode uses the running
+        statistics, or adapts them when :meth:`adapt` is on.
+
+        Parameters
+        ----------
+        x : ndarray, shape (N, C, *S), or (N, *S, C) with ``axis=-1``
+            float32 or float64; integers are cast to float64.
+
+        Returns
+        -------
+        y : ndarray, the shape and dtype of ``x``
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import streamnorm as sn
+        >>> bn = sn.BatchNorm(2, momentum=0.5)
+        >>> x = np.array([[1.0, 10.0], [3.0, 10.0], [5.0, 40.0]])
+        >>> bn(x).round(4)
+        array([[-1.2247, -0.7071],
+               [ 0.    , -0.7071],
+               [ 1.2247,  1.4142]])
+        >>> bn.running_mean, bn.running_var        # halfway from (0, 1) to the batch's
+        (array([ 1.5, 10. ]), array([  2.5, 150.5]))
+        >>> bn.eval()(np.array([[1.5, 10.0]]))      # eval mode: the running statistics
+        array([[0., 0.]])
+        """
         x = self._check_input(x)
         w, b = self._wb()
         out = self._spare_out(x)
@@ -174,6 +242,42 @@ class BatchNorm(Layer):
         training; ``'batch'`` normalizes with the biased one, as train mode does.  The
         backward is exact for every mode (gradients flow through the batch part of the
         statistics), which is what entropy minimization (TENT) needs.
+
+        Examples
+        --------
+        A layer trained on standard normal data meets shifted data at test time.  With
+        the frozen source statistics its output is far off center:
+
+        >>> import numpy as np
+        >>> import streamnorm as sn
+        >>> rng = np.random.default_rng(0)
+        >>> bn = sn.BatchNorm1d(3)
+        >>> for _ in range(50):
+        ...     _ = bn(rng.standard_normal((64, 3)))
+        >>> source = bn.eval().running_mean.copy()
+        >>> shifted = rng.normal(4.0, 2.0, size=(64, 3))
+        >>> bn(shifted).mean(axis=0).round(0)
+        array([4., 4., 4.])
+
+        ``'batch'`` normalizes each test batch with its own statistics:
+
+        >>> bn.adapt("batch").adaptation
+        'batch'
+        >>> np.allclose(bn(shifted).mean(axis=0), 0)
+        True
+
+        ``'ema'`` moves the running statistics towards the test data, batch by batch;
+        :meth:`reset_adaptation` restores the source statistics exactly:
+
+        >>> _ = bn.adapt("ema", momentum=0.5)
+        >>> for _ in range(10):
+        ...     _ = bn(rng.normal(4.0, 2.0, size=(64, 3)))
+        >>> bn.running_mean.round(0)
+        array([4., 4., 4.])
+        >>> np.array_equal(bn.reset_adaptation().running_mean, source)
+        True
+        >>> bn.adapt(None).adaptation is None
+        True
         """
         if mode is None:
             self._adapt = None
@@ -206,11 +310,38 @@ class BatchNorm(Layer):
 
     @property
     def adaptation(self) -> str | None:
-        """The active adaptation mode, or None."""
+        """The active adaptation mode (a str, see :meth:`adapt`), or None.
+
+        Examples
+        --------
+        >>> import streamnorm as sn
+        >>> bn = sn.BatchNorm1d(2).eval()
+        >>> bn.adaptation is None, bn.adapt("cumulative").adaptation
+        (True, 'cumulative')
+        """
         return None if self._adapt is None else self._adapt["mode"]
 
     def reset_adaptation(self) -> "BatchNorm":
-        """Restore the source statistics exactly and restart the mode's schedule."""
+        """Restore the source statistics exactly and restart the mode's schedule.
+
+        The source statistics are the running statistics when :meth:`adapt` was first
+        called (since the last ``adapt(None)``); the mode stays on.
+
+        Returns
+        -------
+        self
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import streamnorm as sn
+        >>> bn = sn.BatchNorm1d(2).eval().adapt("cumulative")
+        >>> _ = bn(np.array([[1.0, 5.0], [3.0, 7.0]]))
+        >>> bn.running_mean, bn.running_var                      # the test batch's
+        (array([2., 6.]), array([2., 2.]))
+        >>> bn.reset_adaptation().running_mean, bn.running_var   # the source's
+        (array([0., 0.]), array([1., 1.]))
+        """
         if self._source is not None:
             self.buffers["running_mean"] = _backend.copy(self._source[0])
             self.buffers["running_var"] = _backend.copy(self._source[1])
@@ -254,6 +385,36 @@ class BatchNorm(Layer):
 
         The mode is the one of the last forward: train-mode batch statistics give the
         full backward of docs/math.rst, running statistics give ``dx = γ·r·dy``.
+
+        Parameters
+        ----------
+        dy : ndarray, the shape of the last forward's input
+            float32 or float64.
+
+        Returns
+        -------
+        dx : ndarray, the shape of ``dy``, dtype ``result_type(x, dy)``
+            ``grads['weight']`` and ``grads['bias']`` are set to float64 (C,) arrays.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import streamnorm as sn
+        >>> rng = np.random.default_rng(0)
+        >>> bn = sn.BatchNorm1d(3)
+        >>> x, dy = rng.standard_normal((32, 3)), rng.standard_normal((32, 3))
+        >>> y = bn(x)
+        >>> dx = bn.backward(dy)
+        >>> dx.shape, bn.grads["bias"].shape
+        ((32, 3), (3,))
+        >>> np.allclose(bn.grads["bias"], dy.sum(axis=0)), np.allclose(dx.sum(axis=0), 0)
+        (True, True)
+
+        In eval mode the running statistics are constants:
+
+        >>> y = bn.eval()(x)
+        >>> np.allclose(bn.backward(dy), dy / np.sqrt(bn.running_var + bn.eps))
+        True
         """
         cache = self._require_cache()
         dx, dw, db = F.batch_norm_backward(dy, cache, out=self._spare_grad(dy))
@@ -269,18 +430,65 @@ class BatchNorm(Layer):
 
 
 class BatchNorm1d(BatchNorm):
-    """:class:`BatchNorm` for (N, C) or (N, C, L) input."""
+    """:class:`BatchNorm` for (N, C) or (N, C, L) input.
+
+    Same parameters, dtypes and methods as :class:`BatchNorm`; other input dimensions
+    raise ``ValueError``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import streamnorm as sn
+    >>> bn = sn.BatchNorm1d(3)
+    >>> bn(np.ones((4, 3), dtype=np.float32)).dtype, bn(np.zeros((4, 3, 10))).shape
+    (dtype('float32'), (4, 3, 10))
+    >>> bn(np.zeros((4, 3, 2, 2)))
+    Traceback (most recent call last):
+        ...
+    ValueError: BatchNorm1d expects 2 or 3-dimensional input, got shape (4, 3, 2, 2)
+    """
 
     _ndims = (2, 3)
 
 
 class BatchNorm2d(BatchNorm):
-    """:class:`BatchNorm` for (N, C, H, W) input."""
+    """:class:`BatchNorm` for (N, C, H, W) input.
+
+    Same parameters, dtypes and methods as :class:`BatchNorm`; other input dimensions
+    raise ``ValueError``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import streamnorm as sn
+    >>> rng = np.random.default_rng(0)
+    >>> bn = sn.BatchNorm2d(3)
+    >>> y = bn(rng.normal(2.0, 1.0, size=(8, 3, 5, 5)))
+    >>> y.shape, np.allclose(y.mean(axis=(0, 2, 3)), 0)
+    ((8, 3, 5, 5), True)
+    >>> bn(np.zeros((8, 3)))
+    Traceback (most recent call last):
+        ...
+    ValueError: BatchNorm2d expects 4-dimensional input, got shape (8, 3)
+    """
 
     _ndims = (4,)
 
 
 class BatchNorm3d(BatchNorm):
-    """:class:`BatchNorm` for (N, C, D, H, W) input."""
+    """:class:`BatchNorm` for (N, C, D, H, W) input.
+
+    Same parameters, dtypes and methods as :class:`BatchNorm`; other input dimensions
+    raise ``ValueError``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import streamnorm as sn
+    >>> bn = sn.BatchNorm3d(2)
+    >>> y = bn(np.arange(48, dtype=np.float32).reshape(2, 2, 3, 2, 2))
+    >>> y.shape, y.dtype, bn.running_mean.round(2)
+    ((2, 2, 3, 2, 2), dtype('float32'), array([1.75, 2.95]))
+    """
 
     _ndims = (5,)

@@ -62,6 +62,31 @@ class SyncBatchNorm(BatchNorm):
     input is invalid, that rank raises its own error and the others raise
     ``RuntimeError`` naming it, instead of waiting for ever.  A forward that raises
     leaves the running statistics untouched.  The state dict has BatchNorm's keys.
+
+    Examples
+    --------
+    In a data-parallel job every rank builds the layer with the job's communicator and
+    runs the same training loop on its own batch (:doc:`/sync_batchnorm` has the whole
+    program):
+
+    >>> import numpy as np
+    >>> import streamnorm as sn
+    >>> from streamnorm.comm import MPICommunicator
+    >>> layer = sn.SyncBatchNorm(64, comm=MPICommunicator())   # doctest: +SKIP
+
+    Without a communicator it is a single process's BatchNorm, step for step:
+
+    >>> rng = np.random.default_rng(0)
+    >>> x, dy = rng.normal(2.0, 3.0, size=(16, 4)), rng.standard_normal((16, 4))
+    >>> sync, bn = sn.SyncBatchNorm(4), sn.BatchNorm(4)
+    >>> sync.comm
+    SelfCommunicator()
+    >>> np.allclose(sync(x), bn(x)), np.allclose(sync.backward(dy), bn.backward(dy))
+    (True, True)
+    >>> np.allclose(sync.grads["weight"], bn.grads["weight"]), np.allclose(sync.running_var, bn.running_var)
+    (True, True)
+    >>> sorted(sync.state_dict()) == sorted(bn.state_dict())
+    True
     """
 
     def __init__(
@@ -86,11 +111,24 @@ class SyncBatchNorm(BatchNorm):
         bn : BatchNorm
             Any BatchNorm, BatchNorm1d/2d/3d included (the dimension check is dropped).
         comm : Communicator, optional
+            Anything with ``rank``, ``size`` and ``allgather``; None is a single process.
 
         Returns
         -------
         SyncBatchNorm
             In ``bn``'s mode (train or eval).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import streamnorm as sn
+        >>> bn = sn.BatchNorm2d(3)
+        >>> _ = bn(np.random.default_rng(0).normal(1.0, 2.0, size=(4, 3, 5, 5)))
+        >>> sync = sn.SyncBatchNorm.from_batchnorm(bn.eval())
+        >>> sync.num_batches_tracked, np.array_equal(sync.running_mean, bn.running_mean), sync.training
+        (1, True, False)
+        >>> sync(np.zeros((2, 3))).shape                   # any number of dimensions now
+        (2, 3)
         """
         if not isinstance(bn, BatchNorm):
             raise TypeError(f"from_batchnorm() takes a BatchNorm, not {type(bn).__name__}")
@@ -105,9 +143,26 @@ class SyncBatchNorm(BatchNorm):
         Train mode: with the statistics of every rank's batch (a collective call).  Eval
         mode: as :meth:`BatchNorm.forward <streamnorm.BatchNorm.forward>`, locally.
 
+        Parameters
+        ----------
+        x : ndarray, shape (N, C, *S), or (N, *S, C) with ``axis=-1``
+            This rank's batch (N may be 0); float32 or float64.
+
         Returns
         -------
         y : ndarray, the shape and dtype of ``x``
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import streamnorm as sn
+        >>> sync = sn.SyncBatchNorm(2, momentum=None)
+        >>> y = sync(np.array([[1.0, 0.0], [3.0, 2.0]], dtype=np.float32))
+        >>> y.dtype, sync.running_mean, sync.running_var
+        (dtype('float32'), array([2., 1.]), array([2., 2.]))
+        >>> y.round(4)
+        array([[-1., -1.],
+               [ 1.,  1.]], dtype=float32)
         """
         if not self.training:
             return super().forward(x)
@@ -130,9 +185,28 @@ class SyncBatchNorm(BatchNorm):
         after an eval-mode forward it is :meth:`BatchNorm.backward
         <streamnorm.BatchNorm.backward>`, locally.
 
+        Parameters
+        ----------
+        dy : ndarray, the shape of this rank's last forward input
+            float32 or float64.
+
         Returns
         -------
-        dx : ndarray, the shape of ``dy``
+        dx : ndarray, the shape of ``dy``, dtype ``result_type(x, dy)``
+            ``grads['weight']`` and ``grads['bias']`` are set to float64 (C,) arrays,
+            the sums over the global batch.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import streamnorm as sn
+        >>> rng = np.random.default_rng(0)
+        >>> sync = sn.SyncBatchNorm(3)
+        >>> x, dy = rng.standard_normal((8, 3)), rng.standard_normal((8, 3))
+        >>> y = sync(x)
+        >>> dx = sync.backward(dy)
+        >>> dx.shape, np.allclose(dx.sum(axis=0), 0), np.allclose(sync.grads["bias"], dy.sum(axis=0))
+        ((8, 3), True, True)
         """
         cache = self._require_cache()
         if not isinstance(cache, F.SyncBatchNormCache):
