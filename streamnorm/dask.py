@@ -304,7 +304,24 @@ def chunk_moments(x, axis: int | None = 0, weights=None, nan_policy: str = "prop
     The same return value as :meth:`RunningStats.chunk_moments
     <streamnorm.RunningStats.chunk_moments>` on the NumPy array, from one
     ``.compute()`` of :func:`moments` (on the active ``dask.distributed`` client, if
-    any).  The arrays are float64 and flat.
+    any).
+
+    Parameters
+    ----------
+    x : dask array, float32 or float64, any chunking
+    axis : int or None
+        The sample axis (None pools every value into one feature).
+    weights : 1-D dask or NumPy array of shape (x.shape[axis],), optional
+    nan_policy : {'propagate', 'omit', 'raise'}
+    split_every : int, optional
+        The fan-in of the merge tree (dask's default when None).
+
+    Returns
+    -------
+    feature_shape : tuple of int
+        ``x.shape`` without ``axis`` (``()`` for ``axis=None``).
+    n, mean, m2 : float64 ndarrays of shape (F,), F = prod(feature_shape)
+        Weight sums (counts), means and sums of squared deviations.
     """
     state = moments(x, axis=axis, weights=weights, nan_policy=nan_policy, split_every=split_every)
     return (state.shape, *_unpack(state.compute()))
