@@ -58,6 +58,19 @@ def test_dropped_gradient_is_reused_and_held_gradient_is_not(rng, make, shape):
     np.testing.assert_array_equal(g3, ref.backward(dy3))
 
 
+@pytest.mark.parametrize("make, shape", LAYERS)
+def test_the_usual_loop_reuses_the_output_before_last(rng, make, shape):
+    layer, ref = make(), make()
+    xs = [rng.normal(size=shape) for _ in range(5)]
+    addrs = []
+    h = None
+    for x in xs:
+        h = layer(x)  # the previous h is still bound while the layer runs
+        addrs.append(_addr(h))
+        np.testing.assert_array_equal(h, ref(x))
+    assert addrs[2] == addrs[0] and addrs[3] == addrs[1] and addrs[0] != addrs[1]
+
+
 def test_output_fed_back_as_input_is_not_overwritten(rng):
     ln = sn.LayerNorm(16)
     y = ln(rng.normal(size=(10, 16)))
@@ -69,7 +82,7 @@ def test_reuse_can_be_switched_off(rng):
     ln = sn.LayerNorm(16)
     ln.reuse_output = False
     ln(rng.normal(size=(10, 16)))
-    assert ln._spare == {}
+    assert not ln._spare
 
 
 def test_state_changes_nothing_for_other_shapes_or_dtypes(rng):

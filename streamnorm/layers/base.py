@@ -146,12 +146,13 @@ class Layer:
         Where ``params``, ``grads`` and ``buffers`` live (see :meth:`to`).  The input
         of ``forward`` must live there too.
     reuse_output : bool
-        True (the default): once every reference to the layer's last host output is
-        gone, the layer writes its next output of the same shape and dtype into that
-        memory instead of a fresh array.  That saves the operating system's zeroing
-        of new pages, about one pass over the data, at the price of keeping one
-        output's memory between calls.  An output you still hold, or any view of it,
-        is never overwritten.  Set it to False to always allocate.
+        True (the default): the layer keeps the memory of its last two host outputs
+        (and of its last two ``dx``), and writes a new one of the same shape and dtype
+        into one of them once every reference to it is gone, instead of into a fresh
+        array.  That saves the operating system's zeroing of new pages, about one pass
+        over the data, at the price of keeping that memory between calls.  An array
+        you still hold, or any view of it, is never overwritten.  Set it to False to
+        always allocate.
 
     Notes
     -----
@@ -190,7 +191,7 @@ class Layer:
         self.reuse_output: bool = True
         self._like: Any = None
         self._cache: Any = None
-        self._spare: dict[str, np.ndarray] = {}
+        self._spare: dict[str, list[np.ndarray]] = {}
 
     # -------------------------------------------------------------- contract
     def forward(self, x):  # pragma: no cover - abstract
@@ -243,29 +244,36 @@ class Layer:
         return _backend.as_input(x)
 
     def _spare_out(self, x, slot: str = "y", dtype=None, avoid=()) -> np.ndarray | None:
-        """The memory of the last output in ``slot`` ('y' forward, 'dx' backward), shaped
-        like ``x``, if nothing references it any more and it overlaps none of ``avoid``."""
-        buf = self._spare.get(slot)
-        if buf is None or not self.reuse_output or type(x) is not np.ndarray:
+        """Memory of an earlier output in ``slot`` ('y' forward, 'dx' backward), shaped
+        like ``x``, that nothing references any more and that overlaps none of ``avoid``."""
+        if not self.reuse_output or type(x) is not np.ndarray:
             return None
         dtype = x.dtype if dtype is None else dtype
-        # references: the dict, the local ``buf`` and getrefcount's argument
-        if sys.getrefcount(buf) > 3 or buf.size != x.size or buf.dtype != dtype:
-            return None
-        if any(np.may_share_memory(buf, a) for a in (x, *avoid)):
-            return None
-        return buf.reshape(x.shape)
+        for buf in self._spare.get(slot, ()):
+            # references: the list, the loop variable and getrefcount's argument
+            if sys.getrefcount(buf) > 3 or buf.size != x.size or buf.dtype != dtype:
+                continue
+            if any(np.may_share_memory(buf, a) for a in (x, *avoid)):
+                continue
+            return buf.reshape(x.shape)
+        return None
 
     def _keep_out(self, y, slot: str = "y") -> None:
-        """Remember the memory of a host output for :meth:`_spare_out`."""
-        self._spare.pop(slot, None)
+        """Remember the memory of a host output for :meth:`_spare_out`.
+
+        The last two outputs are kept: in the usual loop ``h = layer(x)`` the previous
+        output is still bound to ``h`` during the call, and the one before it is free.
+        """
         if not self.reuse_output or type(y) is not np.ndarray:
+            self._spare.pop(slot, None)
             return
         b = y
         while isinstance(b.base, np.ndarray):
             b = b.base
-        if b.flags.c_contiguous and b.flags.writeable and b.size == y.size:
-            self._spare[slot] = b
+        if not (b.flags.c_contiguous and b.flags.writeable and b.size == y.size):
+            return
+        kept = [k for k in self._spare.get(slot, ()) if k is not b]
+        self._spare[slot] = [b, *kept][:2]
 
     def _spare_grad(self, dy) -> np.ndarray | None:
         """:meth:`_spare_out` for a backward's dx (dtype ``result_type(x, dy)``)."""
