@@ -49,10 +49,11 @@ def to_host(a) -> np.ndarray:
     return gpu().to_host(a) if is_device(a) else np.array(a, copy=True)
 
 
-def to_device(a: np.ndarray, like=None):
-    """``a`` copied to the GPU, as the kind of array ``like`` is (numba device array by default)."""
+def to_device(a, like=None):
+    """``a`` (host or GPU) copied to the GPU, as the kind of array ``like`` is (numba
+    device array by default)."""
     C = gpu()
-    d = C.to_device(np.asarray(a))
+    d = C.copy(C.as_device(a, float_only=False)) if is_device(a) else C.to_device(np.asarray(a))
     return d if like is None else C.like(like, d)
 
 
@@ -66,7 +67,5 @@ def lerp(a, b, fa: float, fs: float, k: float = 1.0):
     """A new vector ``fa·a + fs·(b·k)``: the running-statistics update, on either side."""
     if is_device(a):
         C = gpu()
-        out = C.copy(C.as_device(a))
-        C.lerp_(out, C.as_device(b), fa, fs, k)
-        return C.like(a, out)
+        return C.like(a, C.lerp(C.as_device(a), C.as_device(b), fa, fs, k))
     return fa * a + fs * (b * k)

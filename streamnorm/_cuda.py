@@ -687,7 +687,7 @@ def _k_row_bwd(dy, x, w, use_w, mean, rstd, center, G, Cg, L, dx):
     r = cuda.blockIdx.x
     t = cuda.threadIdx.x
     D = x.shape[1]
-    m = mean[r]
+    m = mean[r] if center else 0.0
     rs = rstd[r]
     g = r % G
     a1 = 0.0
@@ -728,8 +728,9 @@ def row_forward(x2, y2, w, b, eps, center, G=1, Cg=None, L=1, template=None):
     return mean, var, rstd
 
 
-def row_backward(dy2, x2, dx2, w, mean, rstd, center, G=1, Cg=None, L=1, template=None):
-    """Row normalization backward into dx2 (R, D); returns per-parameter (dweight, dbias).
+def row_backward(dy2, x2, dx2, w, mean, rstd, center, G=1, Cg=None, L=1, template=None, param_grads=True):
+    """Row normalization backward into dx2 (R, D); returns per-parameter (dweight, dbias)
+    (None, None without ``param_grads``).
 
     LayerNorm/RMSNorm (G = 1): (D,) vectors.  GroupNorm: (C,) vectors, C = G·Cg.
     """
@@ -738,6 +739,8 @@ def row_backward(dy2, x2, dx2, w, mean, rstd, center, G=1, Cg=None, L=1, templat
     Cg = D if Cg is None else Cg
     if R and D:
         _k_row_bwd[R, TPB](dy2, x2, wd, uw, mean, rstd, bool(center), G, Cg, L, dx2)
+    if not param_grads:  # only dx is wanted
+        return None, None
     cen = mean if center else None
     if G == 1 and L == 1:  # parameters index columns: a column reduction with per-row statistics
         if R == 0:
@@ -763,17 +766,20 @@ def row_backward(dy2, x2, dx2, w, mean, rstd, center, G=1, Cg=None, L=1, templat
 
 
 @cuda.jit
-def _k_lerp(dst, src, fa, fs, k):
-    """dst = fa·dst + fs·(src·k), the running-statistics update."""
+def _k_lerp(a, src, fa, fs, k, out):
+    """out = fa·a + fs·(src·k), the running-statistics update."""
     i = cuda.grid(1)
-    if i < dst.shape[0]:
-        dst[i] = fa * dst[i] + fs * (src[i] * k)
+    if i < a.shape[0]:
+        out[i] = fa * a[i] + fs * (src[i] * k)
 
 
-def lerp_(dst, src, fa: float, fs: float, k: float = 1.0) -> None:
-    n = dst.shape[0]
+def lerp(a, src, fa: float, fs: float, k: float = 1.0):
+    """A new vector ``fa·a + fs·(src·k)``."""
+    n = a.shape[0]
+    out = empty(n)
     if n:
-        _k_lerp[_blocks(n, TPB), TPB](dst, src, float(fa), float(fs), float(k))
+        _k_lerp[_blocks(n, TPB), TPB](a, src, float(fa), float(fs), float(k), out)
+    return out
 
 
 @cuda.jit

@@ -44,25 +44,13 @@ def _vec(v, n: int, name: str):
     return d.reshape(n)
 
 
-def _out(out, x, xd, name: str = "out"):
-    """(object returned, device view): a new array of x's kind, shape and dtype, or
-    ``out`` checked (on the GPU, same shape and dtype, C-contiguous)."""
+def _out(out, template, shape, dtype):
+    """(object returned, device view): a new array of the template's kind, or ``out``
+    checked (on the GPU, this shape and dtype, C-contiguous)."""
     if out is None:
-        return C.output(x, xd.shape, xd.dtype)
+        return C.output(template, shape, dtype)
     if not is_device(out):
-        raise TypeError(f"{name} must be a GPU array when x is on the GPU")
-    od = C.as_device(out, name)
-    if tuple(od.shape) != tuple(xd.shape) or od.dtype != xd.dtype:
-        raise ValueError(f"{name} has shape {od.shape} and dtype {od.dtype}; expected {xd.shape} and {xd.dtype}")
-    return out, od
-
-
-def _out_grad(out, dy, shape, dtype):
-    """(object returned, device view) for dx: new, or ``out`` checked like a forward's out."""
-    if out is None:
-        return C.output(dy, shape, dtype)
-    if not is_device(out):
-        raise TypeError("out must be a GPU array when dy is on the GPU")
+        raise TypeError("out must be a GPU array when the input is on the GPU")
     od = C.as_device(out, "out")
     if tuple(od.shape) != tuple(shape) or od.dtype != dtype:
         raise ValueError(f"out has shape {od.shape} and dtype {od.dtype}; expected {tuple(shape)} and {dtype}")
@@ -115,7 +103,7 @@ def batch_norm_forward(x, weight, bias, *, mean, var, eps, axis, prior_mean, pri
                 raise ValueError("prior_weight > 0 needs prior_mean and prior_var")
     else:
         mi, vi = _vec(mean, c, "mean"), _vec(var, c, "var")
-    yo, y = _out(out, x, xd)
+    yo, y = _out(out, x, xd.shape, xd.dtype)
     y3 = y.reshape(x3.shape)
     pw = p if batch_stats else 0.0
     mu, v, rstd, bmu, bvar = C.bn_forward(x3, cols, y3, w, b, eps, mi, vi, pm, pv, pw, cf, template=x)
@@ -127,7 +115,7 @@ def batch_norm_backward(dy, cache: BatchNormCache, out=None):
     x3 = cache.x3
     d = _dy(dy, cache.shape)
     dy3 = d.reshape(x3.shape)
-    dxo, dx = _out_grad(out, dy, cache.shape, _result_dtype(x3, d))
+    dxo, dx = _out(out, dy, cache.shape, _result_dtype(x3, d))
     center = cache.batch_mean if cache.batch_stats else cache.mean
     dw, db = C.bn_backward(
         dy3, x3, cache.cols, dx.reshape(x3.shape), center, cache.mean, cache.rstd, cache.weight, cache.batch_stats,
@@ -154,7 +142,7 @@ def rownorm_forward(x, normalized_shape, weight, bias, eps, center, out):
     x2 = xd.reshape(R, D)
     w = _vec(weight, D, "weight")
     b = _vec(bias, D, "bias")
-    yo, y = _out(out, x, xd)
+    yo, y = _out(out, x, xd.shape, xd.dtype)
     mean, _, rstd = C.row_forward(x2, y.reshape(R, D), w, b, eps, center, template=x)
     cache = RowNormCache(x2, mean, rstd, w, w is not None, b is not None, center, ns, shape)
     return yo, cache
@@ -163,7 +151,7 @@ def rownorm_forward(x, normalized_shape, weight, bias, eps, center, out):
 def rownorm_backward(dy, cache: RowNormCache, out=None):
     x2 = cache.x2
     d = _dy(dy, cache.shape)
-    dxo, dx = _out_grad(out, dy, cache.shape, _result_dtype(x2, d))
+    dxo, dx = _out(out, dy, cache.shape, _result_dtype(x2, d))
     dw, db = C.row_backward(d.reshape(x2.shape), x2, dx.reshape(x2.shape), cache.weight, cache.mean, cache.rstd,
                             cache.center, template=dy)
     ns = cache.normalized_shape
@@ -186,7 +174,7 @@ def group_norm_forward(x, num_groups, weight, bias, eps, out):
     x2 = xd.reshape(N * G, (Ch // G) * L)
     w = _vec(weight, Ch, "weight")
     b = _vec(bias, Ch, "bias")
-    yo, y = _out(out, x, xd)
+    yo, y = _out(out, x, xd.shape, xd.dtype)
     mean, var, rstd = C.row_forward(x2, y.reshape(x2.shape), w, b, eps, True, G, Ch // G, L, template=x)
     return yo, GroupNormCache(x2, mean, rstd, var, w, G, shape)
 
@@ -197,7 +185,7 @@ def group_norm_backward(dy, cache: GroupNormCache, out=None):
     N, Ch = cache.shape[:2]
     G = cache.num_groups
     L = x2.shape[1] // (Ch // G) if Ch else 1
-    dxo, dx = _out_grad(out, dy, cache.shape, _result_dtype(x2, d))
+    dxo, dx = _out(out, dy, cache.shape, _result_dtype(x2, d))
     dw, db = C.row_backward(d.reshape(x2.shape), x2, dx.reshape(x2.shape), cache.weight, cache.mean, cache.rstd,
                             True, G, Ch // G, L, template=dy)
     return dxo, C.like(dy, dw), C.like(dy, db)
@@ -255,8 +243,8 @@ def online_norm_backward(dy, cache: OnlineNormCache, u, v, *, alpha_bkw):
     elif cache.ecm == "ls":
         a2 = cache.out.reshape(N, Ch * L)
         g2 = C.empty(a2.shape, g3.dtype)
-        zero = C.zeros(N)
-        C.row_backward(g3.reshape(a2.shape), a2, g2, None, zero, cache.ls_rstd, False)
+        # RMS backward (no centring: the mean argument is not read)
+        C.row_backward(g3.reshape(a2.shape), a2, g2, None, cache.ls_rstd, cache.ls_rstd, False, param_grads=False)
         g3 = g2.reshape(x3.shape)
     new_u, new_v = C.copy(u0), C.copy(v0)
     dxo, dx = C.output(dy, cache.shape, _result_dtype(x3, g3))

@@ -286,6 +286,15 @@ class Layer:
             return None
         return self._spare_out(dy, "dx", np.result_type(x.dtype, dy.dtype), (x,))
 
+    def _backward(self, backward, dy):
+        """Run the functional ``backward`` on the last forward's cache, writing dx into
+        reused memory where possible; set ``grads`` from its (dweight[, dbias]); return dx."""
+        cache = self._require_cache()
+        dx, *g = backward(dy, cache, out=self._spare_grad(dy))
+        self._keep_out(dx, "dx")
+        self._set_grads(**dict(zip(("weight", "bias"), g)))
+        return dx
+
     def _own(self, a, like):
         """A vector computed on the layer's device, as the kind of array ``like`` is."""
         return _backend.as_kind(a, like) if self.device == "cuda" else a
@@ -342,7 +351,7 @@ class Layer:
             raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
         if dev == "cuda" and like is not None and not _backend.is_device(like):
             raise TypeError(f"like must be a GPU array (CuPy, PyTorch CUDA, numba), got {type(like).__name__}")
-        move = (lambda a: _backend.to_device(_backend.to_host(a), like)) if dev == "cuda" else _backend.to_host
+        move = (lambda a: _backend.to_device(a, like)) if dev == "cuda" else _backend.to_host
         self.params, self.grads, self.buffers = (
             {k: (v if k == "num_batches_tracked" else move(v)) for k, v in d.items()}
             for d in (self.params, self.grads, self.buffers)

@@ -416,11 +416,7 @@ class BatchNorm(Layer):
         >>> np.allclose(bn.backward(dy), dy / np.sqrt(bn.running_var + bn.eps))
         True
         """
-        cache = self._require_cache()
-        dx, dw, db = F.batch_norm_backward(dy, cache, out=self._spare_grad(dy))
-        self._keep_out(dx, "dx")
-        self._set_grads(weight=dw, bias=db)
-        return dx
+        return self._backward(F.batch_norm_backward, dy)
 
     def __repr__(self) -> str:
         return (

@@ -130,11 +130,7 @@ class GroupNorm(Layer):
         >>> np.allclose(dx.reshape(2, 2, -1).sum(axis=-1), 0), np.allclose(gn.grads["bias"], dy.sum(axis=(0, 2)))
         (True, True)
         """
-        cache = self._require_cache()
-        dx, dw, db = F.group_norm_backward(dy, cache, out=self._spare_grad(dy))
-        self._keep_out(dx, "dx")
-        self._set_grads(weight=dw, bias=db)
-        return dx
+        return self._backward(F.group_norm_backward, dy)
 
     def __repr__(self) -> str:
         return f"GroupNorm({self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine})"
@@ -294,11 +290,7 @@ class InstanceNorm(Layer):
         >>> dx.shape, np.allclose(dx.sum(axis=-1), 0), np.allclose(inorm.grads["bias"], dy.sum(axis=(0, 2)))
         ((2, 3, 6), True, True)
         """
-        cache = self._require_cache()
-        dx, dw, db = F.instance_norm_backward(dy, cache, out=self._spare_grad(dy))
-        self._keep_out(dx, "dx")
-        self._set_grads(weight=dw, bias=db)
-        return dx
+        return self._backward(F.instance_norm_backward, dy)
 
     def __repr__(self) -> str:
         return (

@@ -118,11 +118,7 @@ class LayerNorm(Layer):
         >>> np.allclose(dx.sum(axis=1), 0), np.allclose(ln.grads["weight"], (dy * y).sum(axis=0))
         (True, True)
         """
-        cache = self._require_cache()
-        dx, dw, db = F.layer_norm_backward(dy, cache, out=self._spare_grad(dy))
-        self._keep_out(dx, "dx")
-        self._set_grads(weight=dw, bias=db)
-        return dx
+        return self._backward(F.layer_norm_backward, dy)
 
     def __repr__(self) -> str:
         return (
@@ -233,11 +229,7 @@ class RMSNorm(Layer):
         >>> dx.shape, np.allclose(rms.grads["weight"], (dy * y).sum(axis=0))
         ((3, 5), True)
         """
-        cache = self._require_cache()
-        dx, dw = F.rms_norm_backward(dy, cache, out=self._spare_grad(dy))
-        self._keep_out(dx, "dx")
-        self._set_grads(weight=dw)
-        return dx
+        return self._backward(F.rms_norm_backward, dy)
 
     def __repr__(self) -> str:
         return f"RMSNorm({self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine})"
