@@ -41,7 +41,10 @@ def device_name(x) -> str:
 
 
 def copy(a):
-    return gpu().copy(gpu().as_device(a, float_only=False)) if is_device(a) else a.copy()
+    if is_device(a):
+        C = gpu()
+        return C.like(a, C.copy(C.as_device(a, float_only=False), a))
+    return a.copy()
 
 
 def to_host(a) -> np.ndarray:
@@ -53,8 +56,8 @@ def to_device(a, like=None):
     """``a`` (host or GPU) copied to the GPU, as the kind of array ``like`` is (numba
     device array by default)."""
     C = gpu()
-    d = C.copy(C.as_device(a, float_only=False)) if is_device(a) else C.to_device(np.asarray(a))
-    return d if like is None else C.like(like, d)
+    d = C.copy(C.as_device(a, float_only=False), like) if is_device(a) else C.to_device(np.asarray(a), like)
+    return C.like(like, d)
 
 
 def as_kind(a, like):

@@ -25,6 +25,8 @@ numba.cuda is imported.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 import sys
 import threading
@@ -58,6 +60,102 @@ F8 = numba.float64
 _chan = cuda.jit(device=True)(chan_merge)
 _welford = cuda.jit(device=True)(welford_add)
 
+# ---------------------------------------------------------------------------
+# Launching.  numba-cuda's own launch makes a device-array object per array argument
+# and type-checks every argument on every call: tens of microseconds per kernel, which
+# is most of the time of a call at medium sizes.  On a GPU, kernels here take View
+# arguments (below) and, once compiled for a signature, go straight to the driver with
+# the arguments numba-cuda itself would pass.  If numba-cuda's internals differ from
+# what this expects, the regular launch is used instead.
+# ---------------------------------------------------------------------------
+
+_FAST_LAUNCH = False
+if not SIMULATOR:  # pragma: no cover - needs a GPU
+    try:
+        from cuda.core import LaunchConfig as _LaunchConfig
+        from cuda.core import launch as _core_launch
+        from numba.cuda.cudadrv import driver as _driver
+
+        try:
+            from numba.cuda._compat import CUDA_CORE_GE_1_0 as _CORE_GE_1
+        except ImportError:
+            _CORE_GE_1 = True
+        _FAST_LAUNCH = hasattr(_driver, "_to_core_stream")
+    except ImportError:
+        pass
+
+_STREAM: list = []
+_CONFIGS: dict = {}
+
+
+def _config(cfg):  # pragma: no cover - needs a GPU
+    c = _CONFIGS.get(cfg)
+    if c is None:
+        grid, block = cfg
+        if _CORE_GE_1:
+            c = _LaunchConfig(grid=grid, block=block, shmem_size=0, is_cooperative=False)
+        else:
+            c = _LaunchConfig(grid=grid, block=block, shmem_size=0, cooperative_launch=False)
+        _CONFIGS[cfg] = c
+    return c
+
+
+class _Kernel:
+    """A numba CUDA kernel, launched as ``kernel[grid, block](*args)``."""
+
+    def __init__(self, fn):
+        self.dispatcher = cuda.jit(fn)
+        self.__name__ = fn.__name__
+        self.__doc__ = fn.__doc__
+        self._compiled: dict = {}
+
+    def __getitem__(self, cfg):
+        if SIMULATOR:
+            return self.dispatcher[cfg]
+        return functools.partial(self._launch, cfg)  # pragma: no cover - needs a GPU
+
+    def _compile(self, args):  # pragma: no cover - needs a GPU
+        d = self.dispatcher
+        sig, conv = [], []
+        for a in args:
+            if type(a) is View:
+                sig.append(d.typeof_pyval(a.numba()))
+                conv.append(None)
+                continue
+            ty = d.typeof_pyval(a)
+            sig.append(ty)
+            name = str(ty)
+            if name == "bool":
+                conv.append(bool)
+            elif name == "float64":
+                conv.append(ctypes.c_double)
+            elif name == "float32":
+                conv.append(ctypes.c_float)
+            elif name.startswith(("int", "uint")):
+                conv.append(getattr(ctypes, "c_" + name))
+            else:
+                raise TypeError(f"{self.__name__}: unsupported kernel argument {a!r} of type {ty}")
+        kernel = d.compile(tuple(sig))
+        return kernel._codelibrary.get_cufunc().kernel, conv
+
+    def _launch(self, cfg, *args):  # pragma: no cover - needs a GPU
+        if not _FAST_LAUNCH:
+            return self.dispatcher[cfg](*[a.numba() if type(a) is View else a for a in args])
+        key = tuple((a.dtype.char, len(a.shape)) if type(a) is View else type(a) for a in args)
+        entry = self._compiled.get(key)
+        if entry is None:
+            entry = self._compiled[key] = self._compile(args)
+        kernel, conv = entry
+        kargs: list = []
+        for a, c in zip(args, conv):
+            if c is None:
+                kargs.extend(a.kernel_args())
+            else:
+                kargs.append(c(a))
+        if not _STREAM:
+            _STREAM.append(_driver._to_core_stream(0))
+        _core_launch(_STREAM[0], _config(cfg), kernel, *kargs)
+
 
 # ---------------------------------------------------------------------------
 # Arrays: conversion, allocation, and handing results back in the caller's kind
@@ -69,47 +167,176 @@ def _is_simulated(x) -> bool:
     return t.__name__ == "FakeCUDAArray" and t.__module__.startswith("numba.cuda.simulator")
 
 
+_DTYPES: dict = {}
+
+
+class View:
+    """A C-contiguous array in GPU memory, described by its address, shape and dtype.
+
+    This is what the kernels take on a real GPU.  Making one costs a Python object, where
+    a numba device array costs several CUDA driver calls; with the launcher below it
+    keeps the host work per call small (docs/gpu.rst, "Launch overhead").  ``owner`` is
+    the object that owns the memory (a CuPy array, a PyTorch tensor or a numba device
+    array): the view keeps it alive.  Under the simulator numba's own arrays are used.
+    """
+
+    __slots__ = ("ptr", "shape", "dtype", "owner", "size", "_args")
+
+    def __init__(self, ptr: int, shape: tuple, dtype, owner):
+        self.ptr = ptr
+        self.shape = shape
+        self.dtype = dtype
+        self.owner = owner
+        n = 1
+        for s in shape:
+            n *= s
+        self.size = n
+        self._args = None
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def is_c_contiguous(self) -> bool:
+        return True
+
+    def reshape(self, *shape):
+        if len(shape) == 1 and isinstance(shape[0], tuple):
+            shape = shape[0]
+        shape = tuple(int(s) for s in shape)
+        n = 1
+        for s in shape:
+            n *= s
+        if n != self.size:
+            raise ValueError(f"cannot reshape a GPU array of {self.size} values to {shape}")
+        return View(self.ptr, shape, self.dtype, self.owner)
+
+    def __getitem__(self, i):
+        """``a[i]`` (one index along the first axis) or ``a[start:stop]`` of a 1-D view."""
+        if isinstance(i, slice):
+            start, stop, step = i.indices(self.shape[0])
+            if step != 1 or self.ndim != 1:
+                raise IndexError("GPU views take contiguous 1-D slices only")
+            return View(self.ptr + start * self.dtype.itemsize, (max(0, stop - start),), self.dtype, self.owner)
+        row = self.size // self.shape[0]
+        return View(self.ptr + int(i) * row * self.dtype.itemsize, self.shape[1:], self.dtype, self.owner)
+
+    @property
+    def __cuda_array_interface__(self) -> dict:
+        return {"shape": self.shape, "strides": None, "data": (self.ptr, False), "typestr": self.dtype.str,
+                "version": 3, "stream": None}
+
+    def kernel_args(self) -> tuple:
+        """The flattened argument a numba kernel takes for an array (see numba-cuda's launch)."""
+        a = self._args
+        if a is None:
+            its = self.dtype.itemsize
+            strides, acc = [], its
+            for s in reversed(self.shape):
+                strides.append(acc)
+                acc *= s
+            a = self._args = (0, 0, self.size, its, self.ptr, *self.shape, *reversed(strides))
+        return a
+
+    def numba(self):
+        """This memory as a numba device array (the owner itself when it is one)."""
+        o = self.owner
+        if type(o).__name__ == "DeviceNDArray" and tuple(o.shape) == self.shape and o.dtype == self.dtype:
+            if o.__cuda_array_interface__["data"][0] == self.ptr:
+                return o
+        return cuda.from_cuda_array_interface(self.__cuda_array_interface__, owner=self, sync=False)
+
+    def copy_to_host(self) -> np.ndarray:
+        return self.numba().copy_to_host()
+
+
+def _view(obj, name: str = "x") -> View:
+    """A :class:`View` of any object with ``__cuda_array_interface__`` (no copy)."""
+    cai = obj.__cuda_array_interface__
+    typestr = cai["typestr"]
+    dtype = _DTYPES.get(typestr)
+    if dtype is None:
+        dtype = _DTYPES[typestr] = np.dtype(typestr)
+    shape = tuple(int(s) for s in cai["shape"])
+    strides = cai.get("strides")
+    if strides is not None:
+        acc = dtype.itemsize
+        for s, st in zip(reversed(shape), reversed(strides)):
+            if s > 1 and st != acc:
+                raise ValueError(
+                    f"{name} on the GPU must be C-contiguous (make it so once, e.g. .contiguous() or "
+                    "cupy.ascontiguousarray)"
+                )
+            acc *= s
+    if cai.get("mask") is not None:
+        raise ValueError(f"{name} is a masked GPU array; streamnorm takes plain arrays")
+    # Work is queued on the legacy default stream, which is ordered after every blocking
+    # stream: only an array produced on another stream needs the host to wait for it.
+    stream = cai.get("stream")
+    if stream not in (None, 1):
+        cuda.external_stream(stream).synchronize()
+    return View(int(cai["data"][0] or 0), shape, dtype, obj)
+
+
 def as_device(x, name: str = "x", float_only: bool = True):
-    """A numba device array viewing ``x`` (no copy), with dtype and layout checked.
+    """A view of GPU array ``x`` for the kernels (no copy), with dtype and layout checked.
 
     GPU input must be float32 or float64 and C-contiguous: anything else would need a
     copy per call, so it raises instead and says what to do.
     """
-    if _is_simulated(x):
+    if type(x) is View:
         d = x
+    elif _is_simulated(x):
+        d = x
+        if d.size and not d.is_c_contiguous():
+            raise ValueError(
+                f"{name} on the GPU must be C-contiguous (make it so once, e.g. .contiguous() or "
+                "cupy.ascontiguousarray)"
+            )
     elif SIMULATOR:
         raise TypeError(f"{name} is a real GPU array, but numba's CUDA simulator is active (NUMBA_ENABLE_CUDASIM=1)")
     else:  # pragma: no cover - needs a GPU
-        # Work is queued on the legacy default stream, which is ordered after every
-        # blocking stream: only an array produced on another stream needs the host to
-        # wait for that stream first.
-        stream = getattr(x, "__cuda_array_interface__", {}).get("stream")
-        d = cuda.as_cuda_array(x, sync=stream not in (None, 1))
+        d = _view(x, name)
     if float_only and d.dtype not in (np.float32, np.float64):
         raise TypeError(f"{name} on the GPU has dtype {d.dtype}; streamnorm's GPU kernels take float32 or float64")
-    if d.size and not d.is_c_contiguous():
-        raise ValueError(
-            f"{name} on the GPU must be C-contiguous (make it so once, e.g. .contiguous() or cupy.ascontiguousarray)"
-        )
     return d
 
 
+def _wrap(devarray):
+    """A kernel argument for a numba device array this module allocated."""
+    if SIMULATOR:
+        return devarray
+    return View(int(devarray.device_ctypes_pointer.value or 0), tuple(devarray.shape), devarray.dtype,
+                devarray)  # pragma: no cover - needs a GPU
+
+
 def like(template, d):
-    """``d`` as the same kind of array as ``template`` (CuPy, PyTorch or numba), without a copy."""
+    """Internal array ``d`` as the kind of array ``template`` is (CuPy, PyTorch, numba;
+    numba for ``None``), without a copy."""
     mod = type(template).__module__.split(".")[0]
+    if type(d) is not View:  # simulator arrays
+        return d
+    owner = d.owner
+    if mod in ("cupy", "torch") and type(owner).__module__.split(".")[0] == mod:  # pragma: no cover - needs a GPU
+        if mod == "torch":
+            same = owner.data_ptr() == d.ptr and owner.dtype == getattr(sys.modules["torch"], d.dtype.name)
+        else:
+            same = owner.data.ptr == d.ptr and owner.dtype == d.dtype
+        if same and tuple(owner.shape) == d.shape:
+            return owner
     if mod == "cupy":  # pragma: no cover - needs a GPU
         return sys.modules["cupy"].asarray(d)
     if mod == "torch":  # pragma: no cover - needs a GPU
         return sys.modules["torch"].as_tensor(d, device=template.device)
-    return d
+    return d.numba()  # pragma: no cover - needs a GPU
 
 
 def empty(shape, dtype=np.float64):
-    return cuda.device_array(shape, dtype=dtype)
+    return _wrap(cuda.device_array(shape, dtype=dtype))
 
 
 def output(template, shape, dtype):
-    """A new array for a result: ``(object handed to the caller, numba view of it)``.
+    """A new array for a result: ``(object handed to the caller, view of it)``.
 
     It is allocated by the library the template comes from, so PyTorch and CuPy users
     get their caching allocators (and their own array type back, without a copy).
@@ -120,17 +347,17 @@ def output(template, shape, dtype):
     if mod == "torch":  # pragma: no cover - needs a GPU
         torch = sys.modules["torch"]
         obj = torch.empty(shape, dtype=getattr(torch, dtype.name), device=template.device)
-    elif mod == "cupy":  # pragma: no cover - needs a GPU
+        return obj, View(obj.data_ptr(), shape, dtype, obj)
+    if mod == "cupy":  # pragma: no cover - needs a GPU
         with sys.modules["cupy"].cuda.Device(template.device.id):
             obj = sys.modules["cupy"].empty(shape, dtype=dtype)
-    else:
-        d = empty(shape, dtype)
-        return d, d
-    return obj, as_device(obj, float_only=False)
+        return obj, View(obj.data.ptr, shape, dtype, obj)
+    obj = cuda.device_array(shape, dtype=dtype)
+    return obj, _wrap(obj)
 
 
 def vectors(template, k: int, n: int):
-    """k float64 vectors of length n in one allocation: (caller's kinds, numba views)."""
+    """k float64 vectors of length n in one allocation: (caller's kinds, views)."""
     obj, d = output(template, (k, n), np.float64)
     return [obj[i] for i in range(k)], [d[i] for i in range(k)]
 
@@ -157,20 +384,28 @@ def scratch(*shapes):
 
 
 def zeros(shape, dtype=np.float64):
-    return cuda.to_device(np.zeros(shape, dtype=dtype))
+    return _wrap(cuda.to_device(np.zeros(shape, dtype=dtype)))
 
 
-def to_device(a: np.ndarray):
-    return cuda.to_device(np.ascontiguousarray(a))
+def to_device(a: np.ndarray, template=None):
+    """Host array ``a`` copied to a new device array of ``template``'s kind; returns its view."""
+    a = np.ascontiguousarray(a)
+    obj, d = output(template, a.shape, a.dtype)
+    if a.size:
+        (obj if type(d) is not View else d.numba()).copy_to_device(a)
+    return d
 
 
 def to_host(d) -> np.ndarray:
     return as_device(d, float_only=False).copy_to_host()
 
 
-def copy(d):
-    out = cuda.device_array(d.shape, dtype=d.dtype)
-    out.copy_to_device(d)
+def copy(d, template=None):
+    """A new device copy of view ``d``, allocated as the kind of array ``template`` is."""
+    out = output(template, d.shape, d.dtype)[1]
+    n = d.size
+    if n:
+        _k_copy[_blocks(n, TPB), TPB](_flat(d), _flat(out))
     return out
 
 
@@ -263,9 +498,25 @@ def _tree_sum_y(acc, k, ty, tx):
 # ---------------------------------------------------------------------------
 
 
-@cuda.jit
+@cuda.jit(device=True)
+def _quad(a0, a1, a2, a3):
+    """The exact (mean, M2) of four values (two passes in registers)."""
+    m = ((a0 + a1) + (a2 + a3)) * 0.25
+    d0 = a0 - m
+    d1 = a1 - m
+    d2 = a2 - m
+    d3 = a3 - m
+    return m, (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+
+
+@_Kernel
 def _k_moments_cols(x, w, use_w, omit, rows, pn, pmu, pm2):
-    """x (A, M, B): partial states over row range ``blockIdx.y`` for feature (a, b)."""
+    """x (A, M, B): partial states over row range ``blockIdx.y`` for feature (a, b).
+
+    Unweighted values are read four at a time (four loads in flight per thread) and
+    merged as one exact four-value state; weighted or NaN-omitting input goes value by
+    value through Welford's update.
+    """
     tx = cuda.threadIdx.x
     ty = cuda.threadIdx.y
     b = cuda.blockIdx.x * BX + tx
@@ -278,11 +529,22 @@ def _k_moments_cols(x, w, use_w, omit, rows, pn, pmu, pm2):
     mu = 0.0
     m2 = 0.0
     if b < B:
-        for r in range(r0 + ty, r1, BY):
+        r = r0 + ty
+        if not (use_w or omit):
+            while r + 3 * BY < r1:
+                a0 = F8(x[a, r, b])
+                a1 = F8(x[a, r + BY, b])
+                a2 = F8(x[a, r + 2 * BY, b])
+                a3 = F8(x[a, r + 3 * BY, b])
+                m4, q4 = _quad(a0, a1, a2, a3)
+                n, mu, m2 = _chan(n, mu, m2, 4.0, m4, q4)
+                r += 4 * BY
+        while r < r1:
             v = F8(x[a, r, b])
             wt = F8(w[r]) if use_w else 1.0
             if wt > 0.0 and not (omit and v != v):
                 n, mu, m2 = _welford(n, mu, m2, v, wt)
+            r += BY
     sn = cuda.shared.array((BY, BX), F8)
     smu = cuda.shared.array((BY, BX), F8)
     sm2 = cuda.shared.array((BY, BX), F8)
@@ -298,21 +560,55 @@ def _k_moments_cols(x, w, use_w, omit, rows, pn, pmu, pm2):
         pm2[p, f] = sm2[0, tx]
 
 
-@cuda.jit
+@cuda.jit(device=True)
+def _next(i, l, di, dl, L):
+    """(i, l) of flat index i·L + l advanced by di·L + dl (dl < L), without a division."""
+    l += dl
+    i += di
+    if l >= L:
+        l -= L
+        i += 1
+    return i, l
+
+
+@_Kernel
 def _k_moments_ncl(x, span, pn, pmu, pm2):
-    """x (N, C, L): partial state of channel ``blockIdx.x`` over values span·blockIdx.y + [0, span)."""
+    """x (N, C, L): partial state of channel ``blockIdx.x`` over values span·blockIdx.y + [0, span).
+
+    Thread t takes flat values j = j0 + t + k·TPB, four at a time; (sample, position)
+    pairs advance by additions only.
+    """
     c = cuda.blockIdx.x
     p = cuda.blockIdx.y
     t = cuda.threadIdx.x
     L = x.shape[2]
     j0 = p * span
     j1 = min(j0 + span, x.shape[0] * L)
+    di = TPB // L
+    dl = TPB - di * L
     n = 0.0
     mu = 0.0
     m2 = 0.0
-    for j in range(j0 + t, j1, TPB):
+    j = j0 + t
+    if j < j1:
         i = j // L
-        n, mu, m2 = _welford(n, mu, m2, F8(x[i, c, j - i * L]), 1.0)
+        l = j - i * L
+        while j + 3 * TPB < j1:
+            i1, l1 = _next(i, l, di, dl, L)
+            i2, l2 = _next(i1, l1, di, dl, L)
+            i3, l3 = _next(i2, l2, di, dl, L)
+            a0 = F8(x[i, c, l])
+            a1 = F8(x[i1, c, l1])
+            a2 = F8(x[i2, c, l2])
+            a3 = F8(x[i3, c, l3])
+            m4, q4 = _quad(a0, a1, a2, a3)
+            n, mu, m2 = _chan(n, mu, m2, 4.0, m4, q4)
+            i, l = _next(i3, l3, di, dl, L)
+            j += 4 * TPB
+        while j < j1:
+            n, mu, m2 = _welford(n, mu, m2, F8(x[i, c, l]), 1.0)
+            i, l = _next(i, l, di, dl, L)
+            j += TPB
     sn = cuda.shared.array(TPB, F8)
     smu = cuda.shared.array(TPB, F8)
     sm2 = cuda.shared.array(TPB, F8)
@@ -327,18 +623,36 @@ def _k_moments_ncl(x, span, pn, pmu, pm2):
         pm2[p, c] = sm2[0]
 
 
-@cuda.jit
-def _k_merge_partials(pn, pmu, pm2, n, mu, m2):
-    f = cuda.grid(1)
+@cuda.jit(device=True)
+def _merge_parts(pn, pmu, pm2, f, ty, tx, sn, smu, sm2):
+    """Chan-merge the partial states pn/pmu/pm2[:, f]: thread row ty takes every BY-th
+    partial, then the rows merge in shared memory.  The result is in sn/smu/sm2[0, tx]."""
+    n = 0.0
+    mu = 0.0
+    m2 = 0.0
     if f < pn.shape[1]:
-        a = 0.0
-        b = 0.0
-        c = 0.0
-        for p in range(pn.shape[0]):
-            a, b, c = _chan(a, b, c, pn[p, f], pmu[p, f], pm2[p, f])
-        n[f] = a
-        mu[f] = b
-        m2[f] = c
+        for q in range(ty, pn.shape[0], BY):
+            n, mu, m2 = _chan(n, mu, m2, pn[q, f], pmu[q, f], pm2[q, f])
+    sn[ty, tx] = n
+    smu[ty, tx] = mu
+    sm2[ty, tx] = m2
+    cuda.syncthreads()
+    _tree_chan_y(sn, smu, sm2, ty, tx)
+
+
+@_Kernel
+def _k_merge_partials(pn, pmu, pm2, n, mu, m2):
+    tx = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    f = cuda.blockIdx.x * BX + tx
+    sn = cuda.shared.array((BY, BX), F8)
+    smu = cuda.shared.array((BY, BX), F8)
+    sm2 = cuda.shared.array((BY, BX), F8)
+    _merge_parts(pn, pmu, pm2, f, ty, tx, sn, smu, sm2)
+    if ty == 0 and f < pn.shape[1]:
+        n[f] = sn[0, tx]
+        mu[f] = smu[0, tx]
+        m2[f] = sm2[0, tx]
 
 
 def _partials_cols(x3, w=None, omit=False):
@@ -364,7 +678,7 @@ def moments(x3, cols: bool, w=None, omit: bool = False, template=None):
     parts = _partials_cols(x3, w, omit) if cols else _partials_ncl(x3)
     F = parts[0].shape[1]
     out = vectors(template, 3, F)[1]
-    _k_merge_partials[_blocks(F, TPB), TPB](*parts, *out)
+    _k_merge_partials[_blocks(F, BX), (BX, BY)](*parts, *out)
     return out
 
 
@@ -384,9 +698,10 @@ def _centered(xv, s, center, scale, use_center, use_scale):
     return xv
 
 
-@cuda.jit
+@_Kernel
 def _k_sums_cols(dy, x, center, scale, use_center, use_scale, sn, cdiv, rows, p1, p2):
-    """dy, x (M, C): partial (Σdy, Σdy·x̃) per column over row range ``blockIdx.y``."""
+    """dy, x (M, C): partial (Σdy, Σdy·x̃) per column over row range ``blockIdx.y``,
+    four rows at a time."""
     tx = cuda.threadIdx.x
     ty = cuda.threadIdx.y
     c = cuda.blockIdx.x * BX + tx
@@ -398,10 +713,27 @@ def _k_sums_cols(dy, x, center, scale, use_center, use_scale, sn, cdiv, rows, p1
     a2 = 0.0
     if c < C:
         cs = c // cdiv
-        for r in range(r0 + ty, r1, BY):
+        r = r0 + ty
+        while r + 3 * BY < r1:
+            g0 = F8(dy[r, c])
+            g1 = F8(dy[r + BY, c])
+            g2 = F8(dy[r + 2 * BY, c])
+            g3 = F8(dy[r + 3 * BY, c])
+            v0 = F8(x[r, c])
+            v1 = F8(x[r + BY, c])
+            v2 = F8(x[r + 2 * BY, c])
+            v3 = F8(x[r + 3 * BY, c])
+            a1 += (g0 + g1) + (g2 + g3)
+            a2 += g0 * _centered(v0, r * sn + cs, center, scale, use_center, use_scale)
+            a2 += g1 * _centered(v1, (r + BY) * sn + cs, center, scale, use_center, use_scale)
+            a2 += g2 * _centered(v2, (r + 2 * BY) * sn + cs, center, scale, use_center, use_scale)
+            a2 += g3 * _centered(v3, (r + 3 * BY) * sn + cs, center, scale, use_center, use_scale)
+            r += 4 * BY
+        while r < r1:
             g = F8(dy[r, c])
             a1 += g
             a2 += g * _centered(F8(x[r, c]), r * sn + cs, center, scale, use_center, use_scale)
+            r += BY
     acc = cuda.shared.array((2, BY, BX), F8)
     acc[0, ty, tx] = a1
     acc[1, ty, tx] = a2
@@ -412,24 +744,50 @@ def _k_sums_cols(dy, x, center, scale, use_center, use_scale, sn, cdiv, rows, p1
         p2[p, c] = acc[1, 0, tx]
 
 
-@cuda.jit
+@_Kernel
 def _k_sums_ncl(dy, x, center, scale, use_center, use_scale, sn, cdiv, span, p1, p2):
-    """dy, x (N, C, L): partial (Σdy, Σdy·x̃) of channel ``blockIdx.x`` over a span of its values."""
+    """dy, x (N, C, L): partial (Σdy, Σdy·x̃) of channel ``blockIdx.x`` over a span of its
+    values, walked as in _k_moments_ncl."""
     c = cuda.blockIdx.x
     p = cuda.blockIdx.y
     t = cuda.threadIdx.x
     L = x.shape[2]
     j0 = p * span
     j1 = min(j0 + span, x.shape[0] * L)
+    di = TPB // L
+    dl = TPB - di * L
     cs = c // cdiv
     a1 = 0.0
     a2 = 0.0
-    for j in range(j0 + t, j1, TPB):
+    j = j0 + t
+    if j < j1:
         i = j // L
         l = j - i * L
-        g = F8(dy[i, c, l])
-        a1 += g
-        a2 += g * _centered(F8(x[i, c, l]), i * sn + cs, center, scale, use_center, use_scale)
+        while j + 3 * TPB < j1:
+            i1, l1 = _next(i, l, di, dl, L)
+            i2, l2 = _next(i1, l1, di, dl, L)
+            i3, l3 = _next(i2, l2, di, dl, L)
+            g0 = F8(dy[i, c, l])
+            g1 = F8(dy[i1, c, l1])
+            g2 = F8(dy[i2, c, l2])
+            g3 = F8(dy[i3, c, l3])
+            v0 = F8(x[i, c, l])
+            v1 = F8(x[i1, c, l1])
+            v2 = F8(x[i2, c, l2])
+            v3 = F8(x[i3, c, l3])
+            a1 += (g0 + g1) + (g2 + g3)
+            a2 += g0 * _centered(v0, i * sn + cs, center, scale, use_center, use_scale)
+            a2 += g1 * _centered(v1, i1 * sn + cs, center, scale, use_center, use_scale)
+            a2 += g2 * _centered(v2, i2 * sn + cs, center, scale, use_center, use_scale)
+            a2 += g3 * _centered(v3, i3 * sn + cs, center, scale, use_center, use_scale)
+            i, l = _next(i3, l3, di, dl, L)
+            j += 4 * TPB
+        while j < j1:
+            g = F8(dy[i, c, l])
+            a1 += g
+            a2 += g * _centered(F8(x[i, c, l]), i * sn + cs, center, scale, use_center, use_scale)
+            i, l = _next(i, l, di, dl, L)
+            j += TPB
     acc = cuda.shared.array((2, TPB), F8)
     acc[0, t] = a1
     acc[1, t] = a2
@@ -440,17 +798,25 @@ def _k_sums_ncl(dy, x, center, scale, use_center, use_scale, sn, cdiv, span, p1,
         p2[p, c] = acc[1, 0]
 
 
-@cuda.jit
+@_Kernel
 def _k_sum_partials(p1, p2, s1, s2):
-    f = cuda.grid(1)
+    tx = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    f = cuda.blockIdx.x * BX + tx
+    a = 0.0
+    b = 0.0
     if f < p1.shape[1]:
-        a = 0.0
-        b = 0.0
-        for p in range(p1.shape[0]):
-            a += p1[p, f]
-            b += p2[p, f]
-        s1[f] = a
-        s2[f] = b
+        for q in range(ty, p1.shape[0], BY):
+            a += p1[q, f]
+            b += p2[q, f]
+    acc = cuda.shared.array((2, BY, BX), F8)
+    acc[0, ty, tx] = a
+    acc[1, ty, tx] = b
+    cuda.syncthreads()
+    _tree_sum_y(acc, 2, ty, tx)
+    if ty == 0 and f < p1.shape[1]:
+        s1[f] = acc[0, 0, tx]
+        s2[f] = acc[1, 0, tx]
 
 
 def grad_sums(dy3, x3, cols: bool, center=None, scale=None, sn: int = 0, cdiv: int = 1, out=None):
@@ -472,7 +838,7 @@ def grad_sums(dy3, x3, cols: bool, center=None, scale=None, sn: int = 0, cdiv: i
         p1, p2 = scratch((P, C), (P, C))
         _k_sums_ncl[(C, P), TPB](dy3, x3, cd, sd, uc, us, sn, cdiv, span, p1, p2)
     s1, s2 = vectors(None, 2, C)[1] if out is None else out
-    _k_sum_partials[_blocks(C, TPB), TPB](p1, p2, s1, s2)
+    _k_sum_partials[_blocks(C, BX), (BX, BY)](p1, p2, s1, s2)
     return s1, s2
 
 
@@ -481,20 +847,24 @@ def grad_sums(dy3, x3, cols: bool, center=None, scale=None, sn: int = 0, cdiv: i
 # ---------------------------------------------------------------------------
 
 
-@cuda.jit
+@_Kernel
 def _k_bn_finish(pn, pmu, pm2, batch, mean_in, var_in, prior_m, prior_v, p, c, w, b, use_w, use_b, eps,
                  mean, var, rstd, bmean, bvar, scale, shift):
     """Per channel: merge the partial states (batch statistics) or take the given ones,
     blend with the prior, and write the statistics and the affine coefficients."""
-    f = cuda.grid(1)
-    if f < mean.shape[0]:
+    tx = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    f = cuda.blockIdx.x * BX + tx
+    sn = cuda.shared.array((BY, BX), F8)
+    smu = cuda.shared.array((BY, BX), F8)
+    sm2 = cuda.shared.array((BY, BX), F8)
+    if batch:
+        _merge_parts(pn, pmu, pm2, f, ty, tx, sn, smu, sm2)
+    if ty == 0 and f < mean.shape[0]:
         if batch:
-            n = 0.0
-            mu = 0.0
-            m2 = 0.0
-            for q in range(pn.shape[0]):
-                n, mu, m2 = _chan(n, mu, m2, pn[q, f], pmu[q, f], pm2[q, f])
-            bv = m2 / n
+            n = sn[0, tx]
+            mu = smu[0, tx]
+            bv = sm2[0, tx] / n
             bmean[f] = mu
             bvar[f] = bv
             m = mu
@@ -513,37 +883,83 @@ def _k_bn_finish(pn, pmu, pm2, batch, mean_in, var_in, prior_m, prior_v, p, c, w
         shift[f] = b[f] if use_b else 0.0
 
 
-@cuda.jit
+@cuda.jit(device=True)
+def _affine1(v, r, k, C, ch_is_col, mean, scale, shift):
+    ch = k if ch_is_col else r % C
+    return (v - mean[ch]) * scale[ch] + shift[ch]
+
+
+@_Kernel
 def _k_affine(x, mean, scale, shift, C, ch_is_col, y):
     """y = (x − mean[ch])·scale[ch] + shift[ch] over a 2-D view (R, K): ch = k if
-    ``ch_is_col`` (channels last), else r % C (rows of the (N·C, L) view)."""
+    ``ch_is_col`` (channels last), else r % C (rows of the (N·C, L) view).  Each thread
+    walks its column four rows at a time, the four loads issued before any store."""
     tx = cuda.threadIdx.x
     ty = cuda.threadIdx.y
     R, Kc = x.shape
-    for r in range(cuda.blockIdx.y * BY + ty, R, cuda.gridDim.y * BY):
-        rc = r % C
-        for k in range(cuda.blockIdx.x * BX + tx, Kc, cuda.gridDim.x * BX):
-            ch = k if ch_is_col else rc
-            y[r, k] = (F8(x[r, k]) - mean[ch]) * scale[ch] + shift[ch]
+    st = cuda.gridDim.y * BY
+    for k in range(cuda.blockIdx.x * BX + tx, Kc, cuda.gridDim.x * BX):
+        r = cuda.blockIdx.y * BY + ty
+        while r + 3 * st < R:
+            a0 = F8(x[r, k])
+            a1 = F8(x[r + st, k])
+            a2 = F8(x[r + 2 * st, k])
+            a3 = F8(x[r + 3 * st, k])
+            y[r, k] = _affine1(a0, r, k, C, ch_is_col, mean, scale, shift)
+            y[r + st, k] = _affine1(a1, r + st, k, C, ch_is_col, mean, scale, shift)
+            y[r + 2 * st, k] = _affine1(a2, r + 2 * st, k, C, ch_is_col, mean, scale, shift)
+            y[r + 3 * st, k] = _affine1(a3, r + 3 * st, k, C, ch_is_col, mean, scale, shift)
+            r += 4 * st
+        while r < R:
+            y[r, k] = _affine1(F8(x[r, k]), r, k, C, ch_is_col, mean, scale, shift)
+            r += st
 
 
-@cuda.jit
+@cuda.jit(device=True)
+def _dx1(g, v, r, k, C, ch_is_col, batch, center, k1, k2, k3):
+    ch = k if ch_is_col else r % C
+    o = k1[ch] * g
+    if batch:
+        o += k2[ch] * (v - center[ch]) + k3[ch]
+    return o
+
+
+@_Kernel
 def _k_bn_dx(dy, x, center, k1, k2, k3, C, ch_is_col, batch, dx):
-    """dx = k1·dy (+ k2·(x − center) + k3 with batch statistics), per channel, 2-D view as in _k_affine."""
+    """dx = k1·dy (+ k2·(x − center) + k3 with batch statistics), per channel, 2-D view
+    and four-row walk as in _k_affine."""
     tx = cuda.threadIdx.x
     ty = cuda.threadIdx.y
     R, Kc = x.shape
-    for r in range(cuda.blockIdx.y * BY + ty, R, cuda.gridDim.y * BY):
-        rc = r % C
-        for k in range(cuda.blockIdx.x * BX + tx, Kc, cuda.gridDim.x * BX):
-            ch = k if ch_is_col else rc
-            v = k1[ch] * F8(dy[r, k])
+    st = cuda.gridDim.y * BY
+    for k in range(cuda.blockIdx.x * BX + tx, Kc, cuda.gridDim.x * BX):
+        r = cuda.blockIdx.y * BY + ty
+        while r + 3 * st < R:
+            g0 = F8(dy[r, k])
+            g1 = F8(dy[r + st, k])
+            g2 = F8(dy[r + 2 * st, k])
+            g3 = F8(dy[r + 3 * st, k])
+            v0 = 0.0
+            v1 = 0.0
+            v2 = 0.0
+            v3 = 0.0
             if batch:
-                v += k2[ch] * (F8(x[r, k]) - center[ch]) + k3[ch]
-            dx[r, k] = v
+                v0 = F8(x[r, k])
+                v1 = F8(x[r + st, k])
+                v2 = F8(x[r + 2 * st, k])
+                v3 = F8(x[r + 3 * st, k])
+            dx[r, k] = _dx1(g0, v0, r, k, C, ch_is_col, batch, center, k1, k2, k3)
+            dx[r + st, k] = _dx1(g1, v1, r + st, k, C, ch_is_col, batch, center, k1, k2, k3)
+            dx[r + 2 * st, k] = _dx1(g2, v2, r + 2 * st, k, C, ch_is_col, batch, center, k1, k2, k3)
+            dx[r + 3 * st, k] = _dx1(g3, v3, r + 3 * st, k, C, ch_is_col, batch, center, k1, k2, k3)
+            r += 4 * st
+        while r < R:
+            v = F8(x[r, k]) if batch else 0.0
+            dx[r, k] = _dx1(F8(dy[r, k]), v, r, k, C, ch_is_col, batch, center, k1, k2, k3)
+            r += st
 
 
-@cuda.jit
+@_Kernel
 def _k_bn_bwd_finish(s1, s2, center, mean, rstd, w, use_w, batch, m, q, cvar, dw, k1, k2, k3):
     f = cuda.grid(1)
     if f < s1.shape[0]:
@@ -593,7 +1009,7 @@ def bn_forward(x3, cols, y3, w, b, eps, mean_in=None, var_in=None, prior_m=None,
     vi, _ = _opt(var_in)
     pm, _ = _opt(prior_m)
     pv, _ = _opt(prior_v)
-    _k_bn_finish[_blocks(C, TPB), TPB](
+    _k_bn_finish[_blocks(C, BX), (BX, BY)](
         *parts, batch, mi, vi, pm, pv, float(p), float(c), wd, bd, uw, ub, float(eps),
         mean, var, rstd, bmean, bvar, scale, shift,
     )
@@ -610,8 +1026,8 @@ def bn_backward(dy3, x3, cols, dx3, center, mean, rstd, w, batch, m, q, cvar, te
     if x3.size:
         grad_sums(dy3, x3, cols, center, out=(s1, s2))
     else:
-        s1.copy_to_device(np.zeros(C))
-        s2.copy_to_device(np.zeros(C))
+        fill(s1, 0.0)
+        fill(s2, 0.0)
     wd, uw = _opt(w)
     _k_bn_bwd_finish[_blocks(C, TPB), TPB](s1, s2, center, mean, rstd, wd, uw, batch, float(max(m, 1)), float(q),
                                            float(cvar), dw, k1, k2, k3)
@@ -633,20 +1049,48 @@ def _pidx(g, Cg, L, j):
     return g * Cg + (j if L == 1 else j // L)
 
 
-@cuda.jit
+@cuda.jit(device=True)
+def _row_out(v, m, rs, w, b, use_w, use_b, g, Cg, L, j):
+    o = (v - m) * rs
+    if use_w or use_b:
+        q = _pidx(g, Cg, L, j)
+        if use_w:
+            o *= w[q]
+        if use_b:
+            o += b[q]
+    return o
+
+
+@_Kernel
 def _k_row_fwd(x, w, b, use_w, use_b, eps, center, G, Cg, L, y, mean, var, rstd):
+    """One block per row of x (R, D): statistics, then the normalized row.  Threads
+    read their values four at a time (four loads in flight); the second sweep reads the
+    row again from cache."""
     r = cuda.blockIdx.x
     t = cuda.threadIdx.x
     D = x.shape[1]
     n = 0.0
     mu = 0.0
     m2 = 0.0
-    for j in range(t, D, TPB):
+    j = t
+    while j + 3 * TPB < D:
+        a0 = F8(x[r, j])
+        a1 = F8(x[r, j + TPB])
+        a2 = F8(x[r, j + 2 * TPB])
+        a3 = F8(x[r, j + 3 * TPB])
+        if center:
+            m4, q4 = _quad(a0, a1, a2, a3)
+            n, mu, m2 = _chan(n, mu, m2, 4.0, m4, q4)
+        else:
+            m2 += (a0 * a0 + a1 * a1) + (a2 * a2 + a3 * a3)
+        j += 4 * TPB
+    while j < D:
         v = F8(x[r, j])
         if center:
             n, mu, m2 = _welford(n, mu, m2, v, 1.0)
         else:
             m2 += v * v
+        j += TPB
     sn = cuda.shared.array(TPB, F8)
     smu = cuda.shared.array(TPB, F8)
     sm2 = cuda.shared.array(TPB, F8)
@@ -672,17 +1116,39 @@ def _k_row_fwd(x, w, b, use_w, use_b, eps, center, G, Cg, L, y, mean, var, rstd)
         var[r] = v
         rstd[r] = rs
     g = r % G
-    for j in range(t, D, TPB):
-        p = _pidx(g, Cg, L, j)
-        o = (F8(x[r, j]) - m) * rs
-        if use_w:
-            o *= w[p]
-        if use_b:
-            o += b[p]
-        y[r, j] = o
+    j = t
+    while j + 3 * TPB < D:
+        a0 = F8(x[r, j])
+        a1 = F8(x[r, j + TPB])
+        a2 = F8(x[r, j + 2 * TPB])
+        a3 = F8(x[r, j + 3 * TPB])
+        y[r, j] = _row_out(a0, m, rs, w, b, use_w, use_b, g, Cg, L, j)
+        y[r, j + TPB] = _row_out(a1, m, rs, w, b, use_w, use_b, g, Cg, L, j + TPB)
+        y[r, j + 2 * TPB] = _row_out(a2, m, rs, w, b, use_w, use_b, g, Cg, L, j + 2 * TPB)
+        y[r, j + 3 * TPB] = _row_out(a3, m, rs, w, b, use_w, use_b, g, Cg, L, j + 3 * TPB)
+        j += 4 * TPB
+    while j < D:
+        y[r, j] = _row_out(F8(x[r, j]), m, rs, w, b, use_w, use_b, g, Cg, L, j)
+        j += TPB
 
 
-@cuda.jit
+@cuda.jit(device=True)
+def _row_g(dy, r, j, w, use_w, g, Cg, L):
+    gv = F8(dy[r, j])
+    if use_w:
+        gv *= w[_pidx(g, Cg, L, j)]
+    return gv
+
+
+@cuda.jit(device=True)
+def _row_dx(gv, v, m, rs, sg, sgx, D, center):
+    xh = (v - m) * rs
+    if center:
+        return (rs / D) * (D * gv - sg - xh * sgx)
+    return rs * (gv - xh * sgx / D)
+
+
+@_Kernel
 def _k_row_bwd(dy, x, w, use_w, mean, rstd, center, G, Cg, L, dx):
     r = cuda.blockIdx.x
     t = cuda.threadIdx.x
@@ -692,12 +1158,24 @@ def _k_row_bwd(dy, x, w, use_w, mean, rstd, center, G, Cg, L, dx):
     g = r % G
     a1 = 0.0
     a2 = 0.0
-    for j in range(t, D, TPB):
-        gv = F8(dy[r, j])
-        if use_w:
-            gv *= w[_pidx(g, Cg, L, j)]
+    j = t
+    while j + 3 * TPB < D:
+        v0 = F8(x[r, j])
+        v1 = F8(x[r, j + TPB])
+        v2 = F8(x[r, j + 2 * TPB])
+        v3 = F8(x[r, j + 3 * TPB])
+        g0 = _row_g(dy, r, j, w, use_w, g, Cg, L)
+        g1 = _row_g(dy, r, j + TPB, w, use_w, g, Cg, L)
+        g2 = _row_g(dy, r, j + 2 * TPB, w, use_w, g, Cg, L)
+        g3 = _row_g(dy, r, j + 3 * TPB, w, use_w, g, Cg, L)
+        a1 += (g0 + g1) + (g2 + g3)
+        a2 += ((g0 * (v0 - m) + g1 * (v1 - m)) + (g2 * (v2 - m) + g3 * (v3 - m))) * rs
+        j += 4 * TPB
+    while j < D:
+        gv = _row_g(dy, r, j, w, use_w, g, Cg, L)
         a1 += gv
         a2 += gv * (F8(x[r, j]) - m) * rs
+        j += TPB
     acc = cuda.shared.array((2, TPB), F8)
     acc[0, t] = a1
     acc[1, t] = a2
@@ -705,15 +1183,24 @@ def _k_row_bwd(dy, x, w, use_w, mean, rstd, center, G, Cg, L, dx):
     _tree_sum(acc, 2, t)
     sg = acc[0, 0]
     sgx = acc[1, 0]
-    for j in range(t, D, TPB):
-        gv = F8(dy[r, j])
-        if use_w:
-            gv *= w[_pidx(g, Cg, L, j)]
-        xh = (F8(x[r, j]) - m) * rs
-        if center:
-            dx[r, j] = (rs / D) * (D * gv - sg - xh * sgx)
-        else:
-            dx[r, j] = rs * (gv - xh * sgx / D)
+    j = t
+    while j + 3 * TPB < D:
+        v0 = F8(x[r, j])
+        v1 = F8(x[r, j + TPB])
+        v2 = F8(x[r, j + 2 * TPB])
+        v3 = F8(x[r, j + 3 * TPB])
+        g0 = _row_g(dy, r, j, w, use_w, g, Cg, L)
+        g1 = _row_g(dy, r, j + TPB, w, use_w, g, Cg, L)
+        g2 = _row_g(dy, r, j + 2 * TPB, w, use_w, g, Cg, L)
+        g3 = _row_g(dy, r, j + 3 * TPB, w, use_w, g, Cg, L)
+        dx[r, j] = _row_dx(g0, v0, m, rs, sg, sgx, D, center)
+        dx[r, j + TPB] = _row_dx(g1, v1, m, rs, sg, sgx, D, center)
+        dx[r, j + 2 * TPB] = _row_dx(g2, v2, m, rs, sg, sgx, D, center)
+        dx[r, j + 3 * TPB] = _row_dx(g3, v3, m, rs, sg, sgx, D, center)
+        j += 4 * TPB
+    while j < D:
+        dx[r, j] = _row_dx(_row_g(dy, r, j, w, use_w, g, Cg, L), F8(x[r, j]), m, rs, sg, sgx, D, center)
+        j += TPB
 
 
 def row_forward(x2, y2, w, b, eps, center, G=1, Cg=None, L=1, template=None):
@@ -765,7 +1252,7 @@ def row_backward(dy2, x2, dx2, w, mean, rstd, center, G=1, Cg=None, L=1, templat
 # ---------------------------------------------------------------------------
 
 
-@cuda.jit
+@_Kernel
 def _k_lerp(a, src, fa, fs, k, out):
     """out = fa·a + fs·(src·k), the running-statistics update."""
     i = cuda.grid(1)
@@ -782,7 +1269,27 @@ def lerp(a, src, fa: float, fs: float, k: float = 1.0):
     return out
 
 
-@cuda.jit
+@_Kernel
+def _k_copy(a, out):
+    i = cuda.grid(1)
+    if i < a.shape[0]:
+        out[i] = a[i]
+
+
+@_Kernel
+def _k_fill(out, value):
+    i = cuda.grid(1)
+    if i < out.shape[0]:
+        out[i] = value
+
+
+def fill(v, value: float):
+    """Set every value of the 1-D device vector ``v``."""
+    if v.shape[0]:
+        _k_fill[_blocks(v.shape[0], TPB), TPB](v, float(value))
+
+
+@_Kernel
 def _k_divide(src, d, out):
     i = cuda.grid(1)
     if i < src.shape[0]:
@@ -796,7 +1303,7 @@ def divide(src, d: float):
     return out
 
 
-@cuda.jit
+@_Kernel
 def _k_instance_running(mean_nc, var_nc, k, out_m, out_v):
     """Per channel: the average over samples of the instance means and of var·k."""
     c = cuda.grid(1)
@@ -818,14 +1325,14 @@ def instance_running(mean_nc, var_nc, k: float):
     return m, v
 
 
-@cuda.jit
+@_Kernel
 def _k_clip(a, lim, out):
     i = cuda.grid(1)
     if i < a.shape[0]:
         out[i] = min(max(a[i], -lim), lim)
 
 
-@cuda.jit
+@_Kernel
 def _k_clip_grad(g, a, lim, out):
     i = cuda.grid(1)
     if i < a.shape[0]:
@@ -870,7 +1377,7 @@ def _control(go, g, yv, inv, uc, vcc, cb):
     return d, uc + d, vcc
 
 
-@cuda.jit
+@_Kernel
 def _k_online_fwd_cols(x, mu, var, a, eps, w, b, use_w, use_b, y):
     c = cuda.grid(1)
     if c < x.shape[1]:
@@ -886,7 +1393,7 @@ def _k_online_fwd_cols(x, mu, var, a, eps, w, b, use_w, use_b, y):
         var[c] = v
 
 
-@cuda.jit
+@_Kernel
 def _k_online_fwd_ncl(x, mu, var, a, eps, w, b, use_w, use_b, y):
     c = cuda.blockIdx.x
     t = cuda.threadIdx.x
@@ -923,7 +1430,7 @@ def _k_online_fwd_ncl(x, mu, var, a, eps, w, b, use_w, use_b, y):
         var[c] = v
 
 
-@cuda.jit
+@_Kernel
 def _k_online_bwd_cols(gout, x, mu, var, u, vc, a, ab, eps, w, use_w, update, dx, dw, db):
     c = cuda.grid(1)
     if c < x.shape[1]:
@@ -954,7 +1461,7 @@ def _k_online_bwd_cols(gout, x, mu, var, u, vc, a, ab, eps, w, use_w, update, dx
         vc[c] = vcc
 
 
-@cuda.jit
+@_Kernel
 def _k_online_bwd_ncl(gout, x, mu, var, u, vc, a, ab, eps, w, use_w, update, dx, dw, db):
     c = cuda.blockIdx.x
     t = cuda.threadIdx.x
@@ -1085,7 +1592,7 @@ def _seg_forward_starts(x, mu, var, a, c, valid, tx, ty, s0, s1, s2, s3, s4, sm,
     cuda.syncthreads()
 
 
-@cuda.jit
+@_Kernel
 def _k_online_fwd_scan(x, mu, var, a, eps, w, b, use_w, use_b, y):
     tx = cuda.threadIdx.x
     ty = cuda.threadIdx.y
@@ -1115,7 +1622,7 @@ def _k_online_fwd_scan(x, mu, var, a, eps, w, b, use_w, use_b, y):
             var[c] = v
 
 
-@cuda.jit
+@_Kernel
 def _k_online_bwd_scan(gout, x, mu, var, u, vc, a, ab, eps, w, use_w, dx, dw, db):
     tx = cuda.threadIdx.x
     ty = cuda.threadIdx.y

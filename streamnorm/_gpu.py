@@ -76,8 +76,8 @@ def batch_moments(x, axis: int = 1):
     n, c, l = _bn_dims(xd.shape, axis)
     count = n * l
     if count == 0 or c == 0:
-        nan = C.to_device(np.full(c, np.nan))
-        return 0, nan, C.copy(nan)
+        nan = C.to_device(np.full(c, np.nan), x)
+        return 0, C.like(x, nan), C.like(x, C.copy(nan, x))
     _, mu, m2 = C.moments(xd.reshape(1, n, c) if l == 1 else xd.reshape(n, c, l), l == 1, template=x)
     return count, C.like(x, mu), C.like(x, C.divide(m2, float(count)))
 
@@ -209,7 +209,7 @@ def online_norm_forward(x, mu, var, weight, bias, *, alpha_fwd, eps, training, e
     b = _vec(bias, Ch, "bias")
     yo, y = C.output(x, shape, xd.dtype)
     y3 = y.reshape(x3.shape)
-    new_mu, new_var = C.copy(mu0), C.copy(var0)
+    new_mu, new_var = C.copy(mu0, x), C.copy(var0, x)
     if x3.size:
         if training:
             C.online_forward(x3, y3, new_mu, new_var, alpha_fwd, eps, w, b)
@@ -246,7 +246,7 @@ def online_norm_backward(dy, cache: OnlineNormCache, u, v, *, alpha_bkw):
         # RMS backward (no centring: the mean argument is not read)
         C.row_backward(g3.reshape(a2.shape), a2, g2, None, cache.ls_rstd, cache.ls_rstd, False, param_grads=False)
         g3 = g2.reshape(x3.shape)
-    new_u, new_v = C.copy(u0), C.copy(v0)
+    new_u, new_v = C.copy(u0, dy), C.copy(v0, dy)
     dxo, dx = C.output(dy, cache.shape, _result_dtype(x3, g3))
     if x3.size:
         dw, db = C.online_backward(
