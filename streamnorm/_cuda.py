@@ -1,19 +1,23 @@
 """numba.cuda kernels and their launchers.  Private; the only module that imports numba.cuda.
 
 The public API reaches this module through :mod:`streamnorm._backend` when an input
-lives on an NVIDIA GPU (it has ``__cuda_array_interface__``).  Everything here works on
-numba device arrays; conversion from CuPy arrays and PyTorch tensors happens once per
-call, without a copy.
+lives on an NVIDIA GPU (it has ``__cuda_array_interface__``).  Kernels take
+:class:`View` arguments (address, shape, dtype, owner) on a GPU and numba's simulated
+arrays under the simulator; CuPy arrays, PyTorch tensors and numba device arrays are
+viewed once per call, without a copy.
 
 Conventions (the same as the CPU kernels, docs/gpu.rst):
 
 * Statistics accumulate in float64 whatever the input dtype.  A thread folds its values
-  in with Welford's update, threads of a block merge their states with Chan's formula in
-  shared memory, and a second small kernel merges the blocks' states with Chan's formula
-  again.  The scalar formulas are the very functions the CPU backend compiles
+  in with Welford's update (or four values at a time as one exact four-value state),
+  threads of a block merge their states with Chan's formula, and the blocks' states are
+  merged with Chan's formula again.  The scalar formulas are the very functions the CPU backend compiles
   (:mod:`streamnorm._welford`).
-* Reductions go through shared memory only (no warp shuffles), so numba's CUDA simulator
-  runs every kernel.
+* Reductions go through shared memory, plus warp shuffles in the row kernels on a real
+  GPU; under numba's CUDA simulator, which has no shuffles, the same kernels use
+  shared-memory trees only, so the simulator runs every kernel.
+* Column statistics merge the blocks' states in the last block to finish (an atomic
+  arrival count), so a statistics pass is one launch.
 * Per-channel and per-row vectors (statistics, parameters, gradients) stay on the device;
   no call synchronizes with the host except where a result must reach the host
   (:class:`~streamnorm.RunningStats` keeps its state in host memory).
@@ -84,7 +88,7 @@ if not SIMULATOR:  # pragma: no cover - needs a GPU
     except ImportError:
         pass
 
-_STREAM: list = []
+_STREAM = None
 _CONFIGS: dict = {}
 
 
@@ -115,46 +119,58 @@ class _Kernel:
         return functools.partial(self._launch, cfg)  # pragma: no cover - needs a GPU
 
     def _compile(self, args):  # pragma: no cover - needs a GPU
+        """(driver kernel, [(position in the flat argument list, scalar converter)])."""
         d = self.dispatcher
-        sig, conv = [], []
+        sig, slots, pos = [], [], 0
         for a in args:
             if type(a) is View:
                 sig.append(d.typeof_pyval(a.numba()))
-                conv.append(None)
+                pos += 5 + 2 * len(a.shape)
                 continue
             ty = d.typeof_pyval(a)
             sig.append(ty)
             name = str(ty)
             if name == "bool":
-                conv.append(bool)
+                conv = bool
             elif name == "float64":
-                conv.append(ctypes.c_double)
+                conv = ctypes.c_double
             elif name == "float32":
-                conv.append(ctypes.c_float)
+                conv = ctypes.c_float
             elif name.startswith(("int", "uint")):
-                conv.append(getattr(ctypes, "c_" + name))
+                conv = getattr(ctypes, "c_" + name)
             else:
                 raise TypeError(f"{self.__name__}: unsupported kernel argument {a!r} of type {ty}")
+            slots.append((pos, conv))
+            pos += 1
         kernel = d.compile(tuple(sig))
-        return kernel._codelibrary.get_cufunc().kernel, conv
+        return kernel._codelibrary.get_cufunc().kernel, slots
 
     def _launch(self, cfg, *args):  # pragma: no cover - needs a GPU
+        global _STREAM
         if not _FAST_LAUNCH:
             return self.dispatcher[cfg](*[a.numba() if type(a) is View else a for a in args])
-        key = tuple((a.dtype.char, len(a.shape)) if type(a) is View else type(a) for a in args)
+        # one pass: the flat argument list, and the array dtypes and ranks that pick the
+        # compiled version (scalars are converted to the types it was compiled for)
+        kargs: list = []
+        key: list = []
+        for a in args:
+            if type(a) is View:
+                key.append(a.dtype.char)
+                key.append(len(a.shape))
+                k = a._args
+                kargs.extend(k if k is not None else a.kernel_args())
+            else:
+                kargs.append(a)
+        key = tuple(key)
         entry = self._compiled.get(key)
         if entry is None:
             entry = self._compiled[key] = self._compile(args)
-        kernel, conv = entry
-        kargs: list = []
-        for a, c in zip(args, conv):
-            if c is None:
-                kargs.extend(a.kernel_args())
-            else:
-                kargs.append(c(a))
-        if not _STREAM:
-            _STREAM.append(_driver._to_core_stream(0))
-        _core_launch(_STREAM[0], _config(cfg), kernel, *kargs)
+        kernel, slots = entry
+        for i, conv in slots:
+            kargs[i] = conv(kargs[i])
+        if _STREAM is None:
+            _STREAM = _driver._to_core_stream(0)
+        _core_launch(_STREAM, _config(cfg), kernel, *kargs)
 
 
 # ---------------------------------------------------------------------------
@@ -484,7 +500,8 @@ def _tree_chan_y(sn, smu, sm2, ty, tx):
 
 @cuda.jit(device=True)
 def _tree_sum_y(acc, k, ty, tx):
-    s = BY // 2
+    """Sum acc[0:k, :, tx] over its second axis (a power of two long) into acc[0:k, 0, tx]."""
+    s = acc.shape[1] // 2
     while s > 0:
         if ty < s:
             for q in range(k):
@@ -493,8 +510,108 @@ def _tree_sum_y(acc, k, ty, tx):
         s //= 2
 
 
+@cuda.jit(device=True)
+def _block_chan_tree(n, mu, m2, t, sn, smu, sm2):
+    """The Chan merge of every thread's state, returned to all threads (shared-memory tree)."""
+    sn[t] = n
+    smu[t] = mu
+    sm2[t] = m2
+    cuda.syncthreads()
+    _tree_chan(sn, smu, sm2, t)
+    return sn[0], smu[0], sm2[0]
+
+
+@cuda.jit(device=True)
+def _block_sum2_tree(a1, a2, t, acc):
+    """The block sums of a1 and a2, returned to all threads (shared-memory tree)."""
+    acc[0, t] = a1
+    acc[1, t] = a2
+    cuda.syncthreads()
+    _tree_sum(acc, 2, t)
+    return acc[0, 0], acc[1, 0]
+
+
+@cuda.jit(device=True)
+def _warp_chan(n, mu, m2):
+    off = 16
+    while off > 0:
+        n2 = cuda.shfl_down_sync(0xFFFFFFFF, n, off)
+        mu2 = cuda.shfl_down_sync(0xFFFFFFFF, mu, off)
+        q2 = cuda.shfl_down_sync(0xFFFFFFFF, m2, off)
+        n, mu, m2 = _chan(n, mu, m2, n2, mu2, q2)
+        off //= 2
+    return n, mu, m2
+
+
+@cuda.jit(device=True)
+def _block_chan_shfl(n, mu, m2, t, sn, smu, sm2):  # pragma: no cover - needs a GPU
+    """As _block_chan_tree, with warp shuffles: two block barriers instead of log2(TPB)."""
+    n, mu, m2 = _warp_chan(n, mu, m2)
+    lane = t % 32
+    wid = t // 32
+    if lane == 0:
+        sn[wid] = n
+        smu[wid] = mu
+        sm2[wid] = m2
+    cuda.syncthreads()
+    if wid == 0:
+        n = 0.0
+        mu = 0.0
+        m2 = 0.0
+        if lane < TPB // 32:
+            n = sn[lane]
+            mu = smu[lane]
+            m2 = sm2[lane]
+        n, mu, m2 = _warp_chan(n, mu, m2)
+        if lane == 0:
+            sn[TPB - 1] = n
+            smu[TPB - 1] = mu
+            sm2[TPB - 1] = m2
+    cuda.syncthreads()
+    return sn[TPB - 1], smu[TPB - 1], sm2[TPB - 1]
+
+
+@cuda.jit(device=True)
+def _warp_sum2(a1, a2):
+    off = 16
+    while off > 0:
+        a1 += cuda.shfl_down_sync(0xFFFFFFFF, a1, off)
+        a2 += cuda.shfl_down_sync(0xFFFFFFFF, a2, off)
+        off //= 2
+    return a1, a2
+
+
+@cuda.jit(device=True)
+def _block_sum2_shfl(a1, a2, t, acc):  # pragma: no cover - needs a GPU
+    """As _block_sum2_tree, with warp shuffles."""
+    a1, a2 = _warp_sum2(a1, a2)
+    lane = t % 32
+    wid = t // 32
+    if lane == 0:
+        acc[0, wid] = a1
+        acc[1, wid] = a2
+    cuda.syncthreads()
+    if wid == 0:
+        a1 = 0.0
+        a2 = 0.0
+        if lane < TPB // 32:
+            a1 = acc[0, lane]
+            a2 = acc[1, lane]
+        a1, a2 = _warp_sum2(a1, a2)
+        if lane == 0:
+            acc[0, TPB - 1] = a1
+            acc[1, TPB - 1] = a2
+    cuda.syncthreads()
+    return acc[0, TPB - 1], acc[1, TPB - 1]
+
+
+# numba's simulator has no warp shuffles: there the trees run through shared memory only
+_block_chan = _block_chan_tree if SIMULATOR else _block_chan_shfl
+_block_sum2 = _block_sum2_tree if SIMULATOR else _block_sum2_shfl
+
+
 # ---------------------------------------------------------------------------
-# Moments: per-block Welford + in-block Chan, then a Chan merge over blocks
+# Moments: per-thread Welford, in-block Chan, then the last block to finish merges all blocks
 # ---------------------------------------------------------------------------
 
 
@@ -509,9 +626,36 @@ def _quad(a0, a1, a2, a3):
     return m, (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
 
 
-@_Kernel
-def _k_moments_cols(x, w, use_w, omit, rows, pn, pmu, pm2):
-    """x (A, M, B): partial states over row range ``blockIdx.y`` for feature (a, b).
+@cuda.jit(device=True)
+def _arrive(count, slot, parts, flag, t):
+    """Called by every thread of a block once its partial results are written: True in
+    the block that arrives last among the ``parts`` blocks sharing ``count[slot]``, which
+    then merges them all in the same launch (and resets the count for the next launch)."""
+    cuda.threadfence()
+    cuda.syncthreads()
+    if t == 0:
+        flag[0] = 1 if cuda.atomic.add(count, slot, 1) == parts - 1 else 0
+    cuda.syncthreads()
+    last = flag[0] == 1
+    if last and t == 0:
+        count[slot] = 0
+    return last
+
+
+_COUNT: list = []
+
+
+def _counter(n: int):
+    """Zeroed int32 arrival counts for at least n slots; every kernel leaves its slots at zero."""
+    if not _COUNT or _COUNT[0].size < n:
+        _COUNT[:] = [zeros(max(n, 1024), np.int32)]
+    return _COUNT[0]
+
+
+@cuda.jit(device=True)
+def _cols_state(x, w, use_w, omit, rows, sn, smu, sm2):
+    """Block (blockIdx.x, blockIdx.y, blockIdx.z) of x (A, M, B): the state of its BX
+    features over row range blockIdx.y, left in sn/smu/sm2[0, tx].
 
     Unweighted values are read four at a time (four loads in flight per thread) and
     merged as one exact four-value state; weighted or NaN-omitting input goes value by
@@ -520,10 +664,9 @@ def _k_moments_cols(x, w, use_w, omit, rows, pn, pmu, pm2):
     tx = cuda.threadIdx.x
     ty = cuda.threadIdx.y
     b = cuda.blockIdx.x * BX + tx
-    p = cuda.blockIdx.y
     a = cuda.blockIdx.z
     B = x.shape[2]
-    r0 = p * rows
+    r0 = cuda.blockIdx.y * rows
     r1 = min(r0 + rows, x.shape[1])
     n = 0.0
     mu = 0.0
@@ -545,19 +688,82 @@ def _k_moments_cols(x, w, use_w, omit, rows, pn, pmu, pm2):
             if wt > 0.0 and not (omit and v != v):
                 n, mu, m2 = _welford(n, mu, m2, v, wt)
             r += BY
-    sn = cuda.shared.array((BY, BX), F8)
-    smu = cuda.shared.array((BY, BX), F8)
-    sm2 = cuda.shared.array((BY, BX), F8)
+    _chan_y(n, mu, m2, ty, tx, sn, smu, sm2)
+
+
+@cuda.jit(device=True)
+def _merge_parts(pn, pmu, pm2, f, ty, tx, sn, smu, sm2):
+    """Chan-merge the partial states pn/pmu/pm2[:, f]: thread row ty takes every BY-th
+    partial, then the rows merge in shared memory.  The result is in sn/smu/sm2[0, tx]."""
+    n = 0.0
+    mu = 0.0
+    m2 = 0.0
+    if f < pn.shape[1]:
+        for q in range(ty, pn.shape[0], BY):
+            n, mu, m2 = _chan(n, mu, m2, pn[q, f], pmu[q, f], pm2[q, f])
+    _chan_y(n, mu, m2, ty, tx, sn, smu, sm2)
+
+
+@cuda.jit(device=True)
+def _cols_merged(x, w, use_w, omit, rows, pn, pmu, pm2, count, sn, smu, sm2, flag):
+    """_cols_state, its partial written to pn/pmu/pm2[blockIdx.y, f]; True in the last
+    block of the column block, which holds the merge over all row ranges in
+    sn/smu/sm2[0, tx]."""
+    tx = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    B = x.shape[2]
+    b = cuda.blockIdx.x * BX + tx
+    _cols_state(x, w, use_w, omit, rows, sn, smu, sm2)
+    f = cuda.blockIdx.z * B + b
+    if ty == 0 and b < B:
+        p = cuda.blockIdx.y
+        pn[p, f] = sn[0, tx]
+        pmu[p, f] = smu[0, tx]
+        pm2[p, f] = sm2[0, tx]
+    slot = cuda.blockIdx.z * cuda.gridDim.x + cuda.blockIdx.x
+    if _arrive(count, slot, cuda.gridDim.y, flag, ty * BX + tx):
+        _merge_parts(pn, pmu, pm2, f if b < B else pn.shape[1], ty, tx, sn, smu, sm2)
+        return True
+    return False
+
+
+@cuda.jit(device=True)
+def _row4(x, r, j, s):
+    """x[r, j + k·s] for k = 0..3 as float64: four loads issued before any is used."""
+    return F8(x[r, j]), F8(x[r, j + s]), F8(x[r, j + 2 * s]), F8(x[r, j + 3 * s])
+
+
+@cuda.jit(device=True)
+def _col4(x, r, k, s):
+    """x[r + i·s, k] for i = 0..3 as float64: four loads issued before any is used."""
+    return F8(x[r, k]), F8(x[r + s, k]), F8(x[r + 2 * s, k]), F8(x[r + 3 * s, k])
+
+
+@cuda.jit(device=True)
+def _chan_y(n, mu, m2, ty, tx, sn, smu, sm2):
+    """Chan-merge every thread row's state (n, mu, m2) into sn/smu/sm2[0, tx]."""
     sn[ty, tx] = n
     smu[ty, tx] = mu
     sm2[ty, tx] = m2
     cuda.syncthreads()
     _tree_chan_y(sn, smu, sm2, ty, tx)
-    if ty == 0 and b < B:
-        f = a * B + b
-        pn[p, f] = sn[0, tx]
-        pmu[p, f] = smu[0, tx]
-        pm2[p, f] = sm2[0, tx]
+
+
+@_Kernel
+def _k_moments_cols(x, w, use_w, omit, rows, pn, pmu, pm2, count, n_out, mu_out, m2_out):
+    """x (A, M, B): the state of every feature (a, b) over M, in one launch."""
+    sn = cuda.shared.array((BY, BX), F8)
+    smu = cuda.shared.array((BY, BX), F8)
+    sm2 = cuda.shared.array((BY, BX), F8)
+    flag = cuda.shared.array(1, numba.int32)
+    if _cols_merged(x, w, use_w, omit, rows, pn, pmu, pm2, count, sn, smu, sm2, flag):
+        tx = cuda.threadIdx.x
+        b = cuda.blockIdx.x * BX + tx
+        if cuda.threadIdx.y == 0 and b < x.shape[2]:
+            f = cuda.blockIdx.z * x.shape[2] + b
+            n_out[f] = sn[0, tx]
+            mu_out[f] = smu[0, tx]
+            m2_out[f] = sm2[0, tx]
 
 
 @cuda.jit(device=True)
@@ -571,114 +777,128 @@ def _next(i, l, di, dl, L):
     return i, l
 
 
-@_Kernel
-def _k_moments_ncl(x, span, pn, pmu, pm2):
-    """x (N, C, L): partial state of channel ``blockIdx.x`` over values span·blockIdx.y + [0, span).
+@cuda.jit(device=True)
+def _ncl_start(x, span):
+    """Where thread t of block (c, p) starts in its span of x (N, C, L) viewed as N·L flat
+    values: (j, j1, i, l, di, dl), flat index j = i·L + l, span end j1, and the (i, l)
+    step of one TPB stride."""
+    L = x.shape[2]
+    j0 = cuda.blockIdx.y * span
+    j = j0 + cuda.threadIdx.x
+    i = j // L
+    di = TPB // L
+    return j, min(j0 + span, x.shape[0] * L), i, j - i * L, di, TPB - di * L
+
+
+@cuda.jit(device=True)
+def _ncl4(x, c, i, l, di, dl):
+    """Four values of channel c a TPB stride apart from (i, l), loaded together; with the
+    sample index of each and the (i, l) after them."""
+    L = x.shape[2]
+    i1, l1 = _next(i, l, di, dl, L)
+    i2, l2 = _next(i1, l1, di, dl, L)
+    i3, l3 = _next(i2, l2, di, dl, L)
+    i4, l4 = _next(i3, l3, di, dl, L)
+    return F8(x[i, c, l]), F8(x[i1, c, l1]), F8(x[i2, c, l2]), F8(x[i3, c, l3]), i1, i2, i3, i4, l4
+
+
+@cuda.jit(device=True)
+def _ncl_state(x, span, sn, smu, sm2):
+    """Block (c, p) of x (N, C, L): the state of channel c over flat values
+    span·p + [0, span), left in sn/smu/sm2[0].
 
     Thread t takes flat values j = j0 + t + k·TPB, four at a time; (sample, position)
     pairs advance by additions only.
     """
     c = cuda.blockIdx.x
-    p = cuda.blockIdx.y
     t = cuda.threadIdx.x
     L = x.shape[2]
-    j0 = p * span
-    j1 = min(j0 + span, x.shape[0] * L)
-    di = TPB // L
-    dl = TPB - di * L
+    j, j1, i, l, di, dl = _ncl_start(x, span)
     n = 0.0
     mu = 0.0
     m2 = 0.0
-    j = j0 + t
-    if j < j1:
-        i = j // L
-        l = j - i * L
-        while j + 3 * TPB < j1:
-            i1, l1 = _next(i, l, di, dl, L)
-            i2, l2 = _next(i1, l1, di, dl, L)
-            i3, l3 = _next(i2, l2, di, dl, L)
-            a0 = F8(x[i, c, l])
-            a1 = F8(x[i1, c, l1])
-            a2 = F8(x[i2, c, l2])
-            a3 = F8(x[i3, c, l3])
-            m4, q4 = _quad(a0, a1, a2, a3)
-            n, mu, m2 = _chan(n, mu, m2, 4.0, m4, q4)
-            i, l = _next(i3, l3, di, dl, L)
-            j += 4 * TPB
-        while j < j1:
-            n, mu, m2 = _welford(n, mu, m2, F8(x[i, c, l]), 1.0)
-            i, l = _next(i, l, di, dl, L)
-            j += TPB
-    sn = cuda.shared.array(TPB, F8)
-    smu = cuda.shared.array(TPB, F8)
-    sm2 = cuda.shared.array(TPB, F8)
+    while j + 3 * TPB < j1:
+        a0, a1, a2, a3, _, _, _, i, l = _ncl4(x, c, i, l, di, dl)
+        m4, q4 = _quad(a0, a1, a2, a3)
+        n, mu, m2 = _chan(n, mu, m2, 4.0, m4, q4)
+        j += 4 * TPB
+    while j < j1:
+        n, mu, m2 = _welford(n, mu, m2, F8(x[i, c, l]), 1.0)
+        i, l = _next(i, l, di, dl, L)
+        j += TPB
     sn[t] = n
     smu[t] = mu
     sm2[t] = m2
     cuda.syncthreads()
     _tree_chan(sn, smu, sm2, t)
-    if t == 0:
-        pn[p, c] = sn[0]
-        pmu[p, c] = smu[0]
-        pm2[p, c] = sm2[0]
 
 
 @cuda.jit(device=True)
-def _merge_parts(pn, pmu, pm2, f, ty, tx, sn, smu, sm2):
-    """Chan-merge the partial states pn/pmu/pm2[:, f]: thread row ty takes every BY-th
-    partial, then the rows merge in shared memory.  The result is in sn/smu/sm2[0, tx]."""
-    n = 0.0
-    mu = 0.0
-    m2 = 0.0
-    if f < pn.shape[1]:
-        for q in range(ty, pn.shape[0], BY):
-            n, mu, m2 = _chan(n, mu, m2, pn[q, f], pmu[q, f], pm2[q, f])
-    sn[ty, tx] = n
-    smu[ty, tx] = mu
-    sm2[ty, tx] = m2
-    cuda.syncthreads()
-    _tree_chan_y(sn, smu, sm2, ty, tx)
+def _ncl_merged(x, span, pn, pmu, pm2, count, sn, smu, sm2, flag):
+    """_ncl_state, its partial written to pn/pmu/pm2[p, c]; True in the last block of
+    channel c, which holds the merge over all spans in sn/smu/sm2[0]."""
+    c = cuda.blockIdx.x
+    t = cuda.threadIdx.x
+    _ncl_state(x, span, sn, smu, sm2)
+    if t == 0:
+        p = cuda.blockIdx.y
+        pn[p, c] = sn[0]
+        pmu[p, c] = smu[0]
+        pm2[p, c] = sm2[0]
+    if _arrive(count, c, cuda.gridDim.y, flag, t):
+        n = 0.0
+        mu = 0.0
+        m2 = 0.0
+        for q in range(t, pn.shape[0], TPB):
+            n, mu, m2 = _chan(n, mu, m2, pn[q, c], pmu[q, c], pm2[q, c])
+        sn[t] = n
+        smu[t] = mu
+        sm2[t] = m2
+        cuda.syncthreads()
+        _tree_chan(sn, smu, sm2, t)
+        return True
+    return False
 
 
 @_Kernel
-def _k_merge_partials(pn, pmu, pm2, n, mu, m2):
-    tx = cuda.threadIdx.x
-    ty = cuda.threadIdx.y
-    f = cuda.blockIdx.x * BX + tx
-    sn = cuda.shared.array((BY, BX), F8)
-    smu = cuda.shared.array((BY, BX), F8)
-    sm2 = cuda.shared.array((BY, BX), F8)
-    _merge_parts(pn, pmu, pm2, f, ty, tx, sn, smu, sm2)
-    if ty == 0 and f < pn.shape[1]:
-        n[f] = sn[0, tx]
-        mu[f] = smu[0, tx]
-        m2[f] = sm2[0, tx]
+def _k_moments_ncl(x, span, pn, pmu, pm2, count, n_out, mu_out, m2_out):
+    """x (N, C, L): the state of every channel over N and L, in one launch."""
+    sn = cuda.shared.array(TPB, F8)
+    smu = cuda.shared.array(TPB, F8)
+    sm2 = cuda.shared.array(TPB, F8)
+    flag = cuda.shared.array(1, numba.int32)
+    if _ncl_merged(x, span, pn, pmu, pm2, count, sn, smu, sm2, flag) and cuda.threadIdx.x == 0:
+        c = cuda.blockIdx.x
+        n_out[c] = sn[0]
+        mu_out[c] = smu[0]
+        m2_out[c] = sm2[0]
 
 
-def _partials_cols(x3, w=None, omit=False):
+def _cols_launch(x3):
+    """(grid, block, rows, partial buffers, counts) for the column-statistics kernels on x3 (A, M, B)."""
     A, M, B = x3.shape
     gx = _blocks(B, BX)
     P, rows = _split(M, gx * A, BY)
-    parts = scratch(*[(P, A * B)] * 3)
-    wd, use_w = _opt(w)
-    _k_moments_cols[(gx, P, A), (BX, BY)](x3, wd, use_w, omit, rows, *parts)
-    return parts
+    return (gx, P, A), (BX, BY), rows, scratch(*[(P, A * B)] * 3), _counter(gx * A)
 
 
-def _partials_ncl(x3):
+def _ncl_launch(x3):
     N, C, L = x3.shape
     P, span = _split(N * L, C, TPB)
-    parts = scratch(*[(P, C)] * 3)
-    _k_moments_ncl[(C, P), TPB](x3, span, *parts)
-    return parts
+    return (C, P), TPB, span, scratch(*[(P, C)] * 3), _counter(C)
 
 
 def moments(x3, cols: bool, w=None, omit: bool = False, template=None):
     """(n, mean, M2) device float64 vectors: of x3 (A, M, B) over M if ``cols``, else of (N, C, L) over N and L."""
-    parts = _partials_cols(x3, w, omit) if cols else _partials_ncl(x3)
-    F = parts[0].shape[1]
-    out = vectors(template, 3, F)[1]
-    _k_merge_partials[_blocks(F, BX), (BX, BY)](*parts, *out)
+    if cols:
+        grid, block, rows, parts, count = _cols_launch(x3)
+        out = vectors(template, 3, x3.shape[0] * x3.shape[2])[1]
+        wd, use_w = _opt(w)
+        _k_moments_cols[grid, block](x3, wd, use_w, omit, rows, *parts, count, *out)
+    else:
+        grid, block, span, parts, count = _ncl_launch(x3)
+        out = vectors(template, 3, x3.shape[1])[1]
+        _k_moments_ncl[grid, block](x3, span, *parts, count, *out)
     return out
 
 
@@ -698,16 +918,67 @@ def _centered(xv, s, center, scale, use_center, use_scale):
     return xv
 
 
+@cuda.jit(device=True)
+def _bwd_finish1(f, a1, a2, center, mean, rstd, w, use_w, batch, m, q, cvar, dw, k1, k2, k3):
+    """BatchNorm backward, channel f: from Σdy and Σdy·(x − center), dweight and the
+    coefficients of dx = k1·dy + k2·(x − center) + k3 (docs/math.rst)."""
+    r = rstd[f]
+    g = w[f] if use_w else 1.0
+    if batch:
+        a2 = a2 + (center[f] - mean[f]) * a1
+    dweight = r * a2
+    dw[f] = dweight
+    kk = g * r
+    k1[f] = kk
+    if batch:
+        k2[f] = -g * r * r * q * cvar * dweight / m
+        k3[f] = -kk * q * a1 / m
+
+
+@cuda.jit(device=True)
+def _sums_done(a1, a2, p1, p2, f, valid, count, slot, acc, flag, ty, tx, s1, s2, bn, center, mean, rstd, w, use_w,
+               batch, m, q, cvar, dw, k1, k2, k3):
+    """Block-sum (a1, a2) over thread rows, write the block's partial, and in the last
+    block of the slot sum all partials into s1, s2[f] (and finish BatchNorm's backward
+    coefficients when ``bn``)."""
+    acc[0, ty, tx] = a1
+    acc[1, ty, tx] = a2
+    cuda.syncthreads()
+    _tree_sum_y(acc, 2, ty, tx)
+    p = cuda.blockIdx.y
+    if ty == 0 and valid:
+        p1[p, f] = acc[0, 0, tx]
+        p2[p, f] = acc[1, 0, tx]
+    if _arrive(count, slot, cuda.gridDim.y, flag, ty * acc.shape[2] + tx):
+        a1 = 0.0
+        a2 = 0.0
+        if valid:
+            for k in range(ty, p1.shape[0], acc.shape[1]):
+                a1 += p1[k, f]
+                a2 += p2[k, f]
+        cuda.syncthreads()
+        acc[0, ty, tx] = a1
+        acc[1, ty, tx] = a2
+        cuda.syncthreads()
+        _tree_sum_y(acc, 2, ty, tx)
+        if ty == 0 and valid:
+            s1[f] = acc[0, 0, tx]
+            s2[f] = acc[1, 0, tx]
+            if bn:
+                _bwd_finish1(f, acc[0, 0, tx], acc[1, 0, tx], center, mean, rstd, w, use_w, batch, m, q, cvar,
+                             dw, k1, k2, k3)
+
+
 @_Kernel
-def _k_sums_cols(dy, x, center, scale, use_center, use_scale, sn, cdiv, rows, p1, p2):
-    """dy, x (M, C): partial (Σdy, Σdy·x̃) per column over row range ``blockIdx.y``,
-    four rows at a time."""
+def _k_sums_cols(dy, x, center, scale, use_center, use_scale, sn, cdiv, rows, p1, p2, count, s1, s2,
+                 bn, mean, rstd, w, use_w, batch, m, q, cvar, dw, k1, k2, k3):
+    """dy, x (M, C): (Σdy, Σdy·x̃) per column, in one launch: row ranges blockIdx.y,
+    four rows at a time, then the last block of each column block sums the ranges."""
     tx = cuda.threadIdx.x
     ty = cuda.threadIdx.y
     c = cuda.blockIdx.x * BX + tx
-    p = cuda.blockIdx.y
     C = x.shape[1]
-    r0 = p * rows
+    r0 = cuda.blockIdx.y * rows
     r1 = min(r0 + rows, x.shape[0])
     a1 = 0.0
     a2 = 0.0
@@ -715,14 +986,8 @@ def _k_sums_cols(dy, x, center, scale, use_center, use_scale, sn, cdiv, rows, p1
         cs = c // cdiv
         r = r0 + ty
         while r + 3 * BY < r1:
-            g0 = F8(dy[r, c])
-            g1 = F8(dy[r + BY, c])
-            g2 = F8(dy[r + 2 * BY, c])
-            g3 = F8(dy[r + 3 * BY, c])
-            v0 = F8(x[r, c])
-            v1 = F8(x[r + BY, c])
-            v2 = F8(x[r + 2 * BY, c])
-            v3 = F8(x[r + 3 * BY, c])
+            g0, g1, g2, g3 = _col4(dy, r, c, BY)
+            v0, v1, v2, v3 = _col4(x, r, c, BY)
             a1 += (g0 + g1) + (g2 + g3)
             a2 += g0 * _centered(v0, r * sn + cs, center, scale, use_center, use_scale)
             a2 += g1 * _centered(v1, (r + BY) * sn + cs, center, scale, use_center, use_scale)
@@ -735,110 +1000,76 @@ def _k_sums_cols(dy, x, center, scale, use_center, use_scale, sn, cdiv, rows, p1
             a2 += g * _centered(F8(x[r, c]), r * sn + cs, center, scale, use_center, use_scale)
             r += BY
     acc = cuda.shared.array((2, BY, BX), F8)
-    acc[0, ty, tx] = a1
-    acc[1, ty, tx] = a2
-    cuda.syncthreads()
-    _tree_sum_y(acc, 2, ty, tx)
-    if ty == 0 and c < C:
-        p1[p, c] = acc[0, 0, tx]
-        p2[p, c] = acc[1, 0, tx]
+    flag = cuda.shared.array(1, numba.int32)
+    _sums_done(a1, a2, p1, p2, c, c < C, count, cuda.blockIdx.x, acc, flag, ty, tx, s1, s2, bn, center, mean, rstd,
+               w, use_w, batch, m, q, cvar, dw, k1, k2, k3)
 
 
 @_Kernel
-def _k_sums_ncl(dy, x, center, scale, use_center, use_scale, sn, cdiv, span, p1, p2):
-    """dy, x (N, C, L): partial (Σdy, Σdy·x̃) of channel ``blockIdx.x`` over a span of its
-    values, walked as in _k_moments_ncl."""
+def _k_sums_ncl(dy, x, center, scale, use_center, use_scale, sn, cdiv, span, p1, p2, count, s1, s2,
+                bn, mean, rstd, w, use_w, batch, m, q, cvar, dw, k1, k2, k3):
+    """dy, x (N, C, L): (Σdy, Σdy·x̃) of channel ``blockIdx.x``, in one launch: spans of
+    its values walked as in _ncl_state, then the last block of the channel sums them."""
     c = cuda.blockIdx.x
-    p = cuda.blockIdx.y
     t = cuda.threadIdx.x
     L = x.shape[2]
-    j0 = p * span
-    j1 = min(j0 + span, x.shape[0] * L)
-    di = TPB // L
-    dl = TPB - di * L
     cs = c // cdiv
+    j, j1, i, l, di, dl = _ncl_start(x, span)
     a1 = 0.0
     a2 = 0.0
-    j = j0 + t
-    if j < j1:
-        i = j // L
-        l = j - i * L
-        while j + 3 * TPB < j1:
-            i1, l1 = _next(i, l, di, dl, L)
-            i2, l2 = _next(i1, l1, di, dl, L)
-            i3, l3 = _next(i2, l2, di, dl, L)
-            g0 = F8(dy[i, c, l])
-            g1 = F8(dy[i1, c, l1])
-            g2 = F8(dy[i2, c, l2])
-            g3 = F8(dy[i3, c, l3])
-            v0 = F8(x[i, c, l])
-            v1 = F8(x[i1, c, l1])
-            v2 = F8(x[i2, c, l2])
-            v3 = F8(x[i3, c, l3])
-            a1 += (g0 + g1) + (g2 + g3)
-            a2 += g0 * _centered(v0, i * sn + cs, center, scale, use_center, use_scale)
-            a2 += g1 * _centered(v1, i1 * sn + cs, center, scale, use_center, use_scale)
-            a2 += g2 * _centered(v2, i2 * sn + cs, center, scale, use_center, use_scale)
-            a2 += g3 * _centered(v3, i3 * sn + cs, center, scale, use_center, use_scale)
-            i, l = _next(i3, l3, di, dl, L)
-            j += 4 * TPB
-        while j < j1:
-            g = F8(dy[i, c, l])
-            a1 += g
-            a2 += g * _centered(F8(x[i, c, l]), i * sn + cs, center, scale, use_center, use_scale)
-            i, l = _next(i, l, di, dl, L)
-            j += TPB
-    acc = cuda.shared.array((2, TPB), F8)
-    acc[0, t] = a1
-    acc[1, t] = a2
-    cuda.syncthreads()
-    _tree_sum(acc, 2, t)
-    if t == 0:
-        p1[p, c] = acc[0, 0]
-        p2[p, c] = acc[1, 0]
+    while j + 3 * TPB < j1:
+        g0, g1, g2, g3, _, _, _, _, _ = _ncl4(dy, c, i, l, di, dl)
+        v0, v1, v2, v3, i1, i2, i3, i4, l4 = _ncl4(x, c, i, l, di, dl)
+        a1 += (g0 + g1) + (g2 + g3)
+        a2 += g0 * _centered(v0, i * sn + cs, center, scale, use_center, use_scale)
+        a2 += g1 * _centered(v1, i1 * sn + cs, center, scale, use_center, use_scale)
+        a2 += g2 * _centered(v2, i2 * sn + cs, center, scale, use_center, use_scale)
+        a2 += g3 * _centered(v3, i3 * sn + cs, center, scale, use_center, use_scale)
+        i = i4
+        l = l4
+        j += 4 * TPB
+    while j < j1:
+        g = F8(dy[i, c, l])
+        a1 += g
+        a2 += g * _centered(F8(x[i, c, l]), i * sn + cs, center, scale, use_center, use_scale)
+        i, l = _next(i, l, di, dl, L)
+        j += TPB
+    # one "column" per block: the (2, TPB, 1) view of the sums tree
+    acc = cuda.shared.array((2, TPB, 1), F8)
+    flag = cuda.shared.array(1, numba.int32)
+    _sums_done(a1, a2, p1, p2, c, True, count, c, acc, flag, t, 0, s1, s2, bn, center, mean, rstd, w, use_w,
+               batch, m, q, cvar, dw, k1, k2, k3)
 
 
-@_Kernel
-def _k_sum_partials(p1, p2, s1, s2):
-    tx = cuda.threadIdx.x
-    ty = cuda.threadIdx.y
-    f = cuda.blockIdx.x * BX + tx
-    a = 0.0
-    b = 0.0
-    if f < p1.shape[1]:
-        for q in range(ty, p1.shape[0], BY):
-            a += p1[q, f]
-            b += p2[q, f]
-    acc = cuda.shared.array((2, BY, BX), F8)
-    acc[0, ty, tx] = a
-    acc[1, ty, tx] = b
-    cuda.syncthreads()
-    _tree_sum_y(acc, 2, ty, tx)
-    if ty == 0 and f < p1.shape[1]:
-        s1[f] = acc[0, 0, tx]
-        s2[f] = acc[1, 0, tx]
-
-
-def grad_sums(dy3, x3, cols: bool, center=None, scale=None, sn: int = 0, cdiv: int = 1, out=None):
-    """(Σdy, Σdy·(x − center)·scale) per channel, as (C,) float64 device vectors.
+def grad_sums(dy3, x3, cols: bool, center=None, scale=None, sn: int = 0, cdiv: int = 1, out=None, bn=None):
+    """(Σdy, Σdy·(x − center)·scale) per channel, as (C,) float64 device vectors, in one launch.
 
     ``cols``: dy3, x3 are (M, C); else (N, C, L).  ``out``: two (C,) vectors to write.
+    ``bn``: (mean, rstd, weight, batch, m, q, cvar, dw, k1, k2, k3) to finish BatchNorm's
+    backward coefficients in the same launch (see bn_backward).
     """
     cd, uc = _opt(center)
     sd, us = _opt(scale)
+    if bn is None:
+        d = _dummy()
+        bn = (False, d, d, d, False, False, 1.0, 1.0, 1.0, d, d, d, d)
+    else:
+        mean, rstd, w, batch, m, q, cvar, dw, k1, k2, k3 = bn
+        wd, uw = _opt(w)
+        bn = (True, mean, rstd, wd, uw, bool(batch), float(m), float(q), float(cvar), dw, k1, k2, k3)
     if cols:
         M, C = x3.shape
         gx = _blocks(C, BX)
         P, rows = _split(M, gx, BY)
-        p1, p2 = scratch((P, C), (P, C))
-        _k_sums_cols[(gx, P), (BX, BY)](dy3, x3, cd, sd, uc, us, sn, cdiv, rows, p1, p2)
+        grid, block, span, count = (gx, P), (BX, BY), rows, _counter(gx)
     else:
         N, C, L = x3.shape
         P, span = _split(N * L, C, TPB)
-        p1, p2 = scratch((P, C), (P, C))
-        _k_sums_ncl[(C, P), TPB](dy3, x3, cd, sd, uc, us, sn, cdiv, span, p1, p2)
+        grid, block, count = (C, P), TPB, _counter(C)
+    p1, p2 = scratch((P, C), (P, C))
     s1, s2 = vectors(None, 2, C)[1] if out is None else out
-    _k_sum_partials[_blocks(C, BX), (BX, BY)](p1, p2, s1, s2)
+    kernel = _k_sums_cols if cols else _k_sums_ncl
+    kernel[grid, block](dy3, x3, cd, sd, uc, us, sn, cdiv, span, p1, p2, count, s1, s2, *bn)
     return s1, s2
 
 
@@ -847,40 +1078,69 @@ def grad_sums(dy3, x3, cols: bool, center=None, scale=None, sn: int = 0, cdiv: i
 # ---------------------------------------------------------------------------
 
 
+@cuda.jit(device=True)
+def _bn_finish1(f, n, mu, m2, batch, mean_in, var_in, prior_m, prior_v, p, c, w, b, use_w, use_b, eps,
+                mean, var, rstd, bmean, bvar, scale, shift):
+    """Channel f: the batch state (n, mu, m2) or the given statistics, blended with the
+    prior; writes the statistics and the affine coefficients."""
+    if batch:
+        bv = m2 / n
+        bmean[f] = mu
+        bvar[f] = bv
+        m = mu
+        v = bv * c
+        if p > 0.0:
+            m = p * prior_m[f] + (1.0 - p) * mu
+            v = p * prior_v[f] + (1.0 - p) * v
+    else:
+        m = mean_in[f]
+        v = var_in[f]
+    r = 1.0 / math.sqrt(v + eps)
+    mean[f] = m
+    var[f] = v
+    rstd[f] = r
+    scale[f] = w[f] * r if use_w else r
+    shift[f] = b[f] if use_b else 0.0
+
+
 @_Kernel
-def _k_bn_finish(pn, pmu, pm2, batch, mean_in, var_in, prior_m, prior_v, p, c, w, b, use_w, use_b, eps,
-                 mean, var, rstd, bmean, bvar, scale, shift):
-    """Per channel: merge the partial states (batch statistics) or take the given ones,
-    blend with the prior, and write the statistics and the affine coefficients."""
-    tx = cuda.threadIdx.x
-    ty = cuda.threadIdx.y
-    f = cuda.blockIdx.x * BX + tx
+def _k_bn_stats_cols(x, rows, pn, pmu, pm2, count, prior_m, prior_v, p, c, w, b, use_w, use_b, eps,
+                     mean, var, rstd, bmean, bvar, scale, shift):
+    """x (1, M, C): batch statistics and affine coefficients of every channel, in one launch."""
     sn = cuda.shared.array((BY, BX), F8)
     smu = cuda.shared.array((BY, BX), F8)
     sm2 = cuda.shared.array((BY, BX), F8)
-    if batch:
-        _merge_parts(pn, pmu, pm2, f, ty, tx, sn, smu, sm2)
-    if ty == 0 and f < mean.shape[0]:
-        if batch:
-            n = sn[0, tx]
-            mu = smu[0, tx]
-            bv = sm2[0, tx] / n
-            bmean[f] = mu
-            bvar[f] = bv
-            m = mu
-            v = bv * c
-            if p > 0.0:
-                m = p * prior_m[f] + (1.0 - p) * mu
-                v = p * prior_v[f] + (1.0 - p) * v
-        else:
-            m = mean_in[f]
-            v = var_in[f]
-        r = 1.0 / math.sqrt(v + eps)
-        mean[f] = m
-        var[f] = v
-        rstd[f] = r
-        scale[f] = w[f] * r if use_w else r
-        shift[f] = b[f] if use_b else 0.0
+    flag = cuda.shared.array(1, numba.int32)
+    # (no weights: ``mean`` stands in for the weight vector, which is not read)
+    if _cols_merged(x, mean, False, False, rows, pn, pmu, pm2, count, sn, smu, sm2, flag):
+        tx = cuda.threadIdx.x
+        f = cuda.blockIdx.x * BX + tx
+        if cuda.threadIdx.y == 0 and f < x.shape[2]:
+            _bn_finish1(f, sn[0, tx], smu[0, tx], sm2[0, tx], True, mean, var, prior_m, prior_v, p, c, w, b,
+                        use_w, use_b, eps, mean, var, rstd, bmean, bvar, scale, shift)
+
+
+@_Kernel
+def _k_bn_stats_ncl(x, span, pn, pmu, pm2, count, prior_m, prior_v, p, c, w, b, use_w, use_b, eps,
+                    mean, var, rstd, bmean, bvar, scale, shift):
+    """x (N, C, L): batch statistics and affine coefficients of every channel, in one launch."""
+    sn = cuda.shared.array(TPB, F8)
+    smu = cuda.shared.array(TPB, F8)
+    sm2 = cuda.shared.array(TPB, F8)
+    flag = cuda.shared.array(1, numba.int32)
+    if _ncl_merged(x, span, pn, pmu, pm2, count, sn, smu, sm2, flag) and cuda.threadIdx.x == 0:
+        f = cuda.blockIdx.x
+        _bn_finish1(f, sn[0], smu[0], sm2[0], True, mean, var, prior_m, prior_v, p, c, w, b, use_w, use_b, eps,
+                    mean, var, rstd, bmean, bvar, scale, shift)
+
+
+@_Kernel
+def _k_bn_given(mean_in, var_in, w, b, use_w, use_b, eps, mean, var, rstd, scale, shift):
+    """Per channel: the given statistics and the affine coefficients (evaluation)."""
+    f = cuda.grid(1)
+    if f < mean.shape[0]:
+        _bn_finish1(f, 0.0, 0.0, 0.0, False, mean_in, var_in, mean_in, var_in, 0.0, 1.0, w, b, use_w, use_b, eps,
+                    mean, var, rstd, mean, var, scale, shift)
 
 
 @cuda.jit(device=True)
@@ -901,10 +1161,7 @@ def _k_affine(x, mean, scale, shift, C, ch_is_col, y):
     for k in range(cuda.blockIdx.x * BX + tx, Kc, cuda.gridDim.x * BX):
         r = cuda.blockIdx.y * BY + ty
         while r + 3 * st < R:
-            a0 = F8(x[r, k])
-            a1 = F8(x[r + st, k])
-            a2 = F8(x[r + 2 * st, k])
-            a3 = F8(x[r + 3 * st, k])
+            a0, a1, a2, a3 = _col4(x, r, k, st)
             y[r, k] = _affine1(a0, r, k, C, ch_is_col, mean, scale, shift)
             y[r + st, k] = _affine1(a1, r + st, k, C, ch_is_col, mean, scale, shift)
             y[r + 2 * st, k] = _affine1(a2, r + 2 * st, k, C, ch_is_col, mean, scale, shift)
@@ -935,19 +1192,13 @@ def _k_bn_dx(dy, x, center, k1, k2, k3, C, ch_is_col, batch, dx):
     for k in range(cuda.blockIdx.x * BX + tx, Kc, cuda.gridDim.x * BX):
         r = cuda.blockIdx.y * BY + ty
         while r + 3 * st < R:
-            g0 = F8(dy[r, k])
-            g1 = F8(dy[r + st, k])
-            g2 = F8(dy[r + 2 * st, k])
-            g3 = F8(dy[r + 3 * st, k])
+            g0, g1, g2, g3 = _col4(dy, r, k, st)
             v0 = 0.0
             v1 = 0.0
             v2 = 0.0
             v3 = 0.0
             if batch:
-                v0 = F8(x[r, k])
-                v1 = F8(x[r + st, k])
-                v2 = F8(x[r + 2 * st, k])
-                v3 = F8(x[r + 3 * st, k])
+                v0, v1, v2, v3 = _col4(x, r, k, st)
             dx[r, k] = _dx1(g0, v0, r, k, C, ch_is_col, batch, center, k1, k2, k3)
             dx[r + st, k] = _dx1(g1, v1, r + st, k, C, ch_is_col, batch, center, k1, k2, k3)
             dx[r + 2 * st, k] = _dx1(g2, v2, r + 2 * st, k, C, ch_is_col, batch, center, k1, k2, k3)
@@ -957,25 +1208,6 @@ def _k_bn_dx(dy, x, center, k1, k2, k3, C, ch_is_col, batch, dx):
             v = F8(x[r, k]) if batch else 0.0
             dx[r, k] = _dx1(F8(dy[r, k]), v, r, k, C, ch_is_col, batch, center, k1, k2, k3)
             r += st
-
-
-@_Kernel
-def _k_bn_bwd_finish(s1, s2, center, mean, rstd, w, use_w, batch, m, q, cvar, dw, k1, k2, k3):
-    f = cuda.grid(1)
-    if f < s1.shape[0]:
-        r = rstd[f]
-        g = w[f] if use_w else 1.0
-        a1 = s1[f]
-        a2 = s2[f]
-        if batch:
-            a2 = a2 + (center[f] - mean[f]) * a1
-        dweight = r * a2
-        dw[f] = dweight
-        kk = g * r
-        k1[f] = kk
-        if batch:
-            k2[f] = -g * r * r * q * cvar * dweight / m
-            k3[f] = -kk * q * a1 / m
 
 
 def _grid2(R: int, K: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -994,25 +1226,27 @@ def bn_forward(x3, cols, y3, w, b, eps, mean_in=None, var_in=None, prior_m=None,
     """BatchNorm forward into ``y3``; returns (mean, var, rstd, batch_mean, batch_var) device vectors.
 
     batch statistics when ``mean_in`` is None (then batch_mean/var are the batch's own,
-    biased), else the given statistics (batch_mean/var None).
+    biased), else the given statistics (batch_mean/var None).  Two launches: statistics
+    with the per-channel finish, then the affine map.
     """
     C = x3.shape[1]
     batch = mean_in is None
-    if batch:
-        parts = _partials_cols(x3.reshape(1, *x3.shape)) if cols else _partials_ncl(x3)
-    else:
-        parts = [_dummy().reshape(1, 1)] * 3
     mean, var, rstd, bmean, bvar, scale, shift = vectors(template, 7, C)[1]
     wd, uw = _opt(w)
     bd, ub = _opt(b)
-    mi, _ = _opt(mean_in)
-    vi, _ = _opt(var_in)
-    pm, _ = _opt(prior_m)
-    pv, _ = _opt(prior_v)
-    _k_bn_finish[_blocks(C, BX), (BX, BY)](
-        *parts, batch, mi, vi, pm, pv, float(p), float(c), wd, bd, uw, ub, float(eps),
-        mean, var, rstd, bmean, bvar, scale, shift,
-    )
+    if batch:
+        pm, _ = _opt(prior_m)
+        pv, _ = _opt(prior_v)
+        coef = (pm, pv, float(p), float(c), wd, bd, uw, ub, float(eps), mean, var, rstd, bmean, bvar, scale, shift)
+        if cols:
+            x1 = x3.reshape(1, *x3.shape)
+            grid, block, rows, parts, count = _cols_launch(x1)
+            _k_bn_stats_cols[grid, block](x1, rows, *parts, count, *coef)
+        else:
+            grid, block, span, parts, count = _ncl_launch(x3)
+            _k_bn_stats_ncl[grid, block](x3, span, *parts, count, *coef)
+    else:
+        _k_bn_given[_blocks(C, TPB), TPB](mean_in, var_in, wd, bd, uw, ub, float(eps), mean, var, rstd, scale, shift)
     if x3.size:
         x2, y2 = _view2(x3, cols), _view2(y3, cols)
         _k_affine[_grid2(*x2.shape)](x2, mean, scale, shift, C, cols, y2)
@@ -1020,20 +1254,20 @@ def bn_forward(x3, cols, y3, w, b, eps, mean_in=None, var_in=None, prior_m=None,
 
 
 def bn_backward(dy3, x3, cols, dx3, center, mean, rstd, w, batch, m, q, cvar, template=None):
-    """BatchNorm backward into ``dx3``; returns (dweight, dbias) device vectors (docs/math.rst)."""
+    """BatchNorm backward into ``dx3``; returns (dweight, dbias) device vectors (docs/math.rst).
+
+    Two launches: the sums with the per-channel coefficients, then dx.
+    """
     C = mean.shape[0]
     s1, s2, dw, k1, k2, k3 = vectors(template, 6, C)[1]
     if x3.size:
-        grad_sums(dy3, x3, cols, center, out=(s1, s2))
-    else:
-        fill(s1, 0.0)
-        fill(s2, 0.0)
-    wd, uw = _opt(w)
-    _k_bn_bwd_finish[_blocks(C, TPB), TPB](s1, s2, center, mean, rstd, wd, uw, batch, float(max(m, 1)), float(q),
-                                           float(cvar), dw, k1, k2, k3)
-    if x3.size:
+        grad_sums(dy3, x3, cols, center, out=(s1, s2),
+                  bn=(mean, rstd, w, batch, float(max(m, 1)), q, cvar, dw, k1, k2, k3))
         x2, dy2, dx2 = _view2(x3, cols), _view2(dy3, cols), _view2(dx3, cols)
         _k_bn_dx[_grid2(*x2.shape)](dy2, x2, center, k1, k2, k3, C, cols, batch, dx2)
+    else:  # nothing to sum: dweight and dbias are zero
+        fill(s1, 0.0)
+        fill(dw, 0.0)
     return dw, s1
 
 
@@ -1074,10 +1308,7 @@ def _k_row_fwd(x, w, b, use_w, use_b, eps, center, G, Cg, L, y, mean, var, rstd)
     m2 = 0.0
     j = t
     while j + 3 * TPB < D:
-        a0 = F8(x[r, j])
-        a1 = F8(x[r, j + TPB])
-        a2 = F8(x[r, j + 2 * TPB])
-        a3 = F8(x[r, j + 3 * TPB])
+        a0, a1, a2, a3 = _row4(x, r, j, TPB)
         if center:
             m4, q4 = _quad(a0, a1, a2, a3)
             n, mu, m2 = _chan(n, mu, m2, 4.0, m4, q4)
@@ -1094,22 +1325,13 @@ def _k_row_fwd(x, w, b, use_w, use_b, eps, center, G, Cg, L, y, mean, var, rstd)
     sn = cuda.shared.array(TPB, F8)
     smu = cuda.shared.array(TPB, F8)
     sm2 = cuda.shared.array(TPB, F8)
-    sn[t] = n
-    smu[t] = mu
-    sm2[t] = m2
-    cuda.syncthreads()
     if center:
-        _tree_chan(sn, smu, sm2, t)
-        m = smu[0]
+        n, m, m2 = _block_chan(n, mu, m2, t, sn, smu, sm2)
     else:
-        s = TPB // 2
-        while s > 0:
-            if t < s:
-                sm2[t] += sm2[t + s]
-            cuda.syncthreads()
-            s //= 2
+        acc = cuda.shared.array((2, TPB), F8)
+        m2, _ = _block_sum2(m2, 0.0, t, acc)
         m = 0.0
-    v = sm2[0] / D
+    v = m2 / D
     rs = 1.0 / math.sqrt(v + eps)
     if t == 0:
         mean[r] = m
@@ -1118,10 +1340,7 @@ def _k_row_fwd(x, w, b, use_w, use_b, eps, center, G, Cg, L, y, mean, var, rstd)
     g = r % G
     j = t
     while j + 3 * TPB < D:
-        a0 = F8(x[r, j])
-        a1 = F8(x[r, j + TPB])
-        a2 = F8(x[r, j + 2 * TPB])
-        a3 = F8(x[r, j + 3 * TPB])
+        a0, a1, a2, a3 = _row4(x, r, j, TPB)
         y[r, j] = _row_out(a0, m, rs, w, b, use_w, use_b, g, Cg, L, j)
         y[r, j + TPB] = _row_out(a1, m, rs, w, b, use_w, use_b, g, Cg, L, j + TPB)
         y[r, j + 2 * TPB] = _row_out(a2, m, rs, w, b, use_w, use_b, g, Cg, L, j + 2 * TPB)
@@ -1160,10 +1379,7 @@ def _k_row_bwd(dy, x, w, use_w, mean, rstd, center, G, Cg, L, dx):
     a2 = 0.0
     j = t
     while j + 3 * TPB < D:
-        v0 = F8(x[r, j])
-        v1 = F8(x[r, j + TPB])
-        v2 = F8(x[r, j + 2 * TPB])
-        v3 = F8(x[r, j + 3 * TPB])
+        v0, v1, v2, v3 = _row4(x, r, j, TPB)
         g0 = _row_g(dy, r, j, w, use_w, g, Cg, L)
         g1 = _row_g(dy, r, j + TPB, w, use_w, g, Cg, L)
         g2 = _row_g(dy, r, j + 2 * TPB, w, use_w, g, Cg, L)
@@ -1177,18 +1393,10 @@ def _k_row_bwd(dy, x, w, use_w, mean, rstd, center, G, Cg, L, dx):
         a2 += gv * (F8(x[r, j]) - m) * rs
         j += TPB
     acc = cuda.shared.array((2, TPB), F8)
-    acc[0, t] = a1
-    acc[1, t] = a2
-    cuda.syncthreads()
-    _tree_sum(acc, 2, t)
-    sg = acc[0, 0]
-    sgx = acc[1, 0]
+    sg, sgx = _block_sum2(a1, a2, t, acc)
     j = t
     while j + 3 * TPB < D:
-        v0 = F8(x[r, j])
-        v1 = F8(x[r, j + TPB])
-        v2 = F8(x[r, j + 2 * TPB])
-        v3 = F8(x[r, j + 3 * TPB])
+        v0, v1, v2, v3 = _row4(x, r, j, TPB)
         g0 = _row_g(dy, r, j, w, use_w, g, Cg, L)
         g1 = _row_g(dy, r, j + TPB, w, use_w, g, Cg, L)
         g2 = _row_g(dy, r, j + 2 * TPB, w, use_w, g, Cg, L)
