@@ -2,8 +2,9 @@
 :mod:`streamnorm.functional`, with the kernels of :mod:`streamnorm._cuda`.  Private.
 
 Every function here is reached from its namesake in :mod:`streamnorm.functional` when
-the input lives on the GPU, and returns the same cache types.  Caches hold numba device
-arrays; outputs come back as the kind of array the input was (CuPy, PyTorch, numba).
+the input lives on the GPU, and returns the same cache types.  Caches hold
+:class:`streamnorm._cuda.View` device vectors (they expose ``__cuda_array_interface__``);
+outputs come back as the kind of array the input was (CuPy, PyTorch, numba).
 Vectors the caller passes (weights, statistics) must be on the GPU too: streamnorm
 never copies them between host and device behind the caller's back.
 """
