@@ -104,6 +104,32 @@ def _config(cfg):  # pragma: no cover - needs a GPU
     return c
 
 
+def _scalar_slots(args, sig, name: str = "kernel") -> list:
+    """[(position in the flat argument list, converter)] for the scalar arguments of a
+    kernel compiled for ``sig`` (one numba type per argument).  An array argument takes
+    5 + 2·ndim positions (see :meth:`View.kernel_args`); a scalar one, converted to the
+    C type it was compiled for."""
+    slots, pos = [], 0
+    for a, ty in zip(args, sig):
+        if type(a) is View:
+            pos += 5 + 2 * len(a.shape)
+            continue
+        t = str(ty)
+        if t == "bool":
+            conv = bool
+        elif t == "float64":
+            conv = ctypes.c_double
+        elif t == "float32":
+            conv = ctypes.c_float
+        elif t.startswith(("int", "uint")):
+            conv = getattr(ctypes, "c_" + t)
+        else:
+            raise TypeError(f"{name}: unsupported kernel argument {a!r} of type {t}")
+        slots.append((pos, conv))
+        pos += 1
+    return slots
+
+
 class _Kernel:
     """A numba CUDA kernel, launched as ``kernel[grid, block](*args)``."""
 
@@ -119,35 +145,15 @@ class _Kernel:
         return functools.partial(self._launch, cfg)  # pragma: no cover - needs a GPU
 
     def _compile(self, args):  # pragma: no cover - needs a GPU
-        """(driver kernel, [(position in the flat argument list, scalar converter)])."""
+        """(driver kernel, scalar slots) for the types of ``args``."""
         d = self.dispatcher
-        sig, slots, pos = [], [], 0
-        for a in args:
-            if type(a) is View:
-                sig.append(d.typeof_pyval(a.numba()))
-                pos += 5 + 2 * len(a.shape)
-                continue
-            ty = d.typeof_pyval(a)
-            sig.append(ty)
-            name = str(ty)
-            if name == "bool":
-                conv = bool
-            elif name == "float64":
-                conv = ctypes.c_double
-            elif name == "float32":
-                conv = ctypes.c_float
-            elif name.startswith(("int", "uint")):
-                conv = getattr(ctypes, "c_" + name)
-            else:
-                raise TypeError(f"{self.__name__}: unsupported kernel argument {a!r} of type {ty}")
-            slots.append((pos, conv))
-            pos += 1
-        kernel = d.compile(tuple(sig))
-        return kernel._codelibrary.get_cufunc().kernel, slots
+        sig = tuple(d.typeof_pyval(a.numba() if type(a) is View else a) for a in args)
+        kernel = d.compile(sig)
+        return kernel._codelibrary.get_cufunc().kernel, _scalar_slots(args, sig, self.__name__)
 
-    def _launch(self, cfg, *args):  # pragma: no cover - needs a GPU
+    def _launch(self, cfg, *args):
         global _STREAM
-        if not _FAST_LAUNCH:
+        if not _FAST_LAUNCH:  # pragma: no cover - needs a GPU
             return self.dispatcher[cfg](*[a.numba() if type(a) is View else a for a in args])
         # one pass: the flat argument list, and the array dtypes and ranks that pick the
         # compiled version (scalars are converted to the types it was compiled for)
@@ -168,7 +174,7 @@ class _Kernel:
         kernel, slots = entry
         for i, conv in slots:
             kargs[i] = conv(kargs[i])
-        if _STREAM is None:
+        if _STREAM is None:  # pragma: no cover - needs a GPU
             _STREAM = _driver._to_core_stream(0)
         _core_launch(_STREAM, _config(cfg), kernel, *kargs)
 
