@@ -36,10 +36,8 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
-from .common import DTYPES, SMALL
+from .common import DTYPES, SMALL, run_python
 
 # Case name -> (layer class, constructor arguments, mode, input shape).  Full shapes
 # hold 4 Mi values (16 MiB in float32); the small grid divides the first axis by 16.
@@ -142,19 +140,7 @@ def measure() -> dict | None:
     """Run the child on every case and dtype; its result, or None off Linux."""
     cases = [[name, *spec, dtype] for name, spec in _CASES.items() for dtype in DTYPES]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(128 * 1024))
-    cmd = [sys.executable, "-c", _CHILD, json.dumps(cases), str(CALLS)]
-    try:
-        proc = subprocess.run(
-            cmd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=CHILD_TIMEOUT
-        )
-    except subprocess.TimeoutExpired as e:
-        raise RuntimeError(f"the measuring process was killed after {CHILD_TIMEOUT} s") from e
-    if proc.returncode != 0:
-        raise RuntimeError(f"the measuring process exited with {proc.returncode}:\n{proc.stderr[-4000:]}")
-    lines = proc.stdout.strip().splitlines()
-    if not lines:
-        raise RuntimeError(f"the measuring process printed nothing:\n{proc.stderr[-4000:]}")
-    return json.loads(lines[-1])
+    return run_python(_CHILD, [json.dumps(cases), CALLS], env, CHILD_TIMEOUT, "the measuring process")[0]
 
 
 class ForwardExtraMemory:

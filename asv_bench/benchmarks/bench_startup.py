@@ -21,15 +21,12 @@ common.py, which keeps one operation and one process per median (docs/benchmarks
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 
-from .common import SMALL
+from .common import SMALL, run_python
 
 # Seconds a child process may take before it is killed and the benchmark fails.  A
 # cold first training step of BatchNorm compiles a dozen kernels (several seconds on
@@ -118,21 +115,10 @@ def run_child(code: str, args=(), cache_dir: str | None = None) -> float:
     env = dict(os.environ)
     if cache_dir is not None:
         env["NUMBA_CACHE_DIR"] = cache_dir
-    cmd = [sys.executable, "-c", code, *args]
-    try:
-        proc = subprocess.run(
-            cmd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=CHILD_TIMEOUT
-        )
-    except subprocess.TimeoutExpired as e:
-        raise RuntimeError(f"child {list(args)} killed after {CHILD_TIMEOUT} s") from e
-    if proc.returncode != 0:
-        raise RuntimeError(f"child {list(args)} exited with {proc.returncode}:\n{proc.stderr[-4000:]}")
-    for line in reversed(proc.stdout.splitlines()):
-        try:
-            return float(json.loads(line)["seconds"])
-        except (ValueError, KeyError, TypeError):
-            continue
-    raise RuntimeError(f"child {list(args)} printed no result:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    for value in run_python(code, args, env, CHILD_TIMEOUT, f"child {list(args)}"):
+        if isinstance(value, dict) and "seconds" in value:
+            return float(value["seconds"])
+    raise RuntimeError(f"child {list(args)} printed no seconds")
 
 
 class _FirstCall:

@@ -51,7 +51,10 @@ variable the suite is the full grid, from cache-resident shapes up to 256 MiB.
 from __future__ import annotations
 
 import abc
+import json
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -97,6 +100,30 @@ _COPY_BYTES = (16 if SMALL else 256) * 1024 * 1024
 _COPY_REPEATS = 7
 
 _bandwidth: float | None = None
+
+
+def run_python(code: str, args=(), env: dict | None = None, timeout: float = 300, what: str = "child") -> list:
+    """Run ``code`` in a fresh interpreter; the JSON values of the lines it printed, last first.
+
+    A process that fails, outlives ``timeout`` seconds or prints no JSON line raises,
+    with the end of its stderr in the message (``what`` names it there).
+    """
+    cmd = [sys.executable, "-c", code, *map(str, args)]
+    try:
+        proc = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise RuntimeError(f"{what} killed after {timeout} s") from e
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} exited with {proc.returncode}:\n{proc.stderr[-4000:]}")
+    values = []
+    for line in reversed(proc.stdout.splitlines()):
+        try:
+            values.append(json.loads(line))
+        except ValueError:
+            continue
+    if not values:
+        raise RuntimeError(f"{what} printed no result:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    return values
 
 
 def sized(full, small):
