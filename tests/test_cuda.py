@@ -386,10 +386,11 @@ def test_cupy_arrays_come_back_as_cupy(rng):  # pragma: no cover - needs a GPU
     cp = pytest.importorskip("cupy")
     xh = rng.normal(size=(300, 40))
     dyh = rng.normal(size=xh.shape)
-    y, c = F.batch_norm_forward(cp.asarray(xh), cp.ones(40), cp.zeros(40))
+    wh, bh = rng.normal(size=40), rng.normal(size=40)
+    y, c = F.batch_norm_forward(cp.asarray(xh), cp.asarray(wh), cp.asarray(bh))
     dx, dw, db = F.batch_norm_backward(cp.asarray(dyh), c)
     assert all(isinstance(a, cp.ndarray) for a in (y, dx, dw, db))
-    yr, cr = F.batch_norm_forward(xh, np.ones(40), np.zeros(40))
+    yr, cr = F.batch_norm_forward(xh, wh, bh)
     for got, want in zip((y, dx, dw, db), (yr, *F.batch_norm_backward(dyh, cr))):
         np.testing.assert_allclose(cp.asnumpy(got), want, **TOL[np.float64])
 
@@ -402,10 +403,11 @@ def test_regular_numba_launch_gives_the_same_results(rng, monkeypatch):  # pragm
 
     x = rng.normal(size=(500, 48))
     dy = rng.normal(size=x.shape)
+    w, b = rng.normal(size=48), rng.normal(size=48)
     results = []
     for fast in (True, False):
         monkeypatch.setattr(_cuda, "_FAST_LAUNCH", fast)
-        y, c = F.layer_norm_forward(D(x), 48, D(np.ones(48)), D(np.zeros(48)))
+        y, c = F.layer_norm_forward(D(x), 48, D(w), D(b))
         results.append([H(a) for a in (y, *F.layer_norm_backward(D(dy), c))])
     for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)
