@@ -6,15 +6,14 @@ Conventions
   into arrays allocated by the caller (so the caller picks the output dtype).
 * Parallel kernels split the *leading* axis of C-contiguous data into one contiguous
   range per thread, keep one partial state per thread, and merge the partial states
-  serially with Chan's formula (the race-free pattern; see STYLE).  The number of
+  serially with Chan's formula (no two threads write the same memory).  The number of
   ranges is passed in by the caller (``numba.get_num_threads()``), never read from a
   global, so ``numba.set_num_threads`` is respected.
-* Reductions along a contiguous row use ``LANES`` explicit partial sums.  That fixes
-  the summation order in the source (deterministic, and vectorizable by LLVM) instead
-  of granting the compiler ``reassoc``, which would also license it to rewrite
-  ``Σ(x - k)`` as ``Σx - n·k`` or to break Welford.
-* No fastmath flags: accuracy of the statistics comes first, and these kernels are
-  memory bound anyway.
+* Reductions along a contiguous row are loops whose accumulating addition alone may
+  be reassociated (LLVM's ``reassoc`` flag), so that they vectorize with accumulators
+  in registers; the per-element terms are computed without fast-math flags (see the
+  row helpers below).  Column reductions vectorize across columns as written.
+* No other fast-math flag: accuracy of the statistics comes first.
 """
 
 from __future__ import annotations
@@ -36,92 +35,81 @@ _JIT = dict(cache=True, nogil=True, error_model="numpy")
 # ---------------------------------------------------------------------------
 # Contiguous-row helpers
 #
-# A row of n values is viewed as (n // W, W) and reduced into W float64 lane sums held
-# in a caller-provided scratch vector ``acc`` (one per thread): the lanes are
-# independent, so LLVM vectorizes the loop without being allowed to reassociate; the
-# W lanes are then added in a fixed order.  Rows must be C-contiguous.
+# A reduction along a contiguous row is a plain loop ``s += term(v[j])`` whose addition
+# carries LLVM's ``reassoc`` flag (``_RED``), so that LLVM vectorizes it with several
+# vector accumulators held in registers.  The per-element terms are computed in the
+# ``_t_*`` helpers, compiled without any fast-math flag: after LLVM inlines them their
+# instructions keep no flags, so the only freedom granted is the order in which the
+# terms are added (LLVM cannot turn ``Σ (v - k)`` into ``Σ v - n·k``, nor expand
+# ``(v - μ)²``).  The order is fixed for a given machine and build.
 # ---------------------------------------------------------------------------
 
-LANES = 32
+_RED = dict(_JIT, fastmath={"reassoc"})
 
 
 @njit(**_JIT)
-def _lanes_for(n):
-    """Lane count for rows of n values: 32 for long rows, 8 for short ones (less setup)."""
-    return LANES if n >= 256 else 8
+def _t_dev(a, k):
+    return np.float64(a) - k
 
 
 @njit(**_JIT)
-def _lanes_total(acc):
-    s = 0.0
-    for u in range(acc.shape[0]):
-        s += acc[u]
-    return s
+def _t_sqdev(a, k):
+    d = np.float64(a) - k
+    return d * d
 
 
 @njit(**_JIT)
-def _row_sum_shifted(v, k, acc):
+def _t_prod(g, w):
+    return np.float64(g) * w
+
+
+@njit(**_JIT)
+def _t_proddev(g, w, a, k):
+    return (np.float64(g) * w) * (np.float64(a) - k)
+
+
+@njit(**_RED)
+def _row_sum_shifted(v, k):
     """Σ (v[j] - k) in float64."""
-    W = acc.shape[0]
-    n = v.shape[0]
-    m = n - n % W
-    v2 = v[:m].reshape((m // W, W))
-    acc[:] = 0.0
-    for r in range(m // W):
-        for u in range(W):
-            acc[u] += v2[r, u] - k
-    s = _lanes_total(acc)
-    for j in range(m, n):
-        s += v[j] - k
+    s = 0.0
+    for j in range(v.shape[0]):
+        s += _t_dev(v[j], k)
     return s
 
 
-@njit(**_JIT)
-def _row_sumsq_dev(v, mu, acc):
+@njit(**_RED)
+def _row_sumsq_dev(v, mu):
     """Σ (v[j] - mu)² in float64."""
-    W = acc.shape[0]
-    n = v.shape[0]
-    m = n - n % W
-    v2 = v[:m].reshape((m // W, W))
-    acc[:] = 0.0
-    for r in range(m // W):
-        for u in range(W):
-            d = v2[r, u] - mu
-            acc[u] += d * d
-    s = _lanes_total(acc)
-    for j in range(m, n):
-        d = v[j] - mu
-        s += d * d
+    s = 0.0
+    for j in range(v.shape[0]):
+        s += _t_sqdev(v[j], mu)
     return s
 
 
-@njit(**_JIT)
-def _row_dot2(g, w, x, mu, acc1, acc2):
+@njit(**_RED)
+def _row_dot2(g, w, x, mu):
     """(Σ g·w, Σ g·w·(x - mu)) in float64 over contiguous rows g, w, x."""
-    W = acc1.shape[0]
-    n = g.shape[0]
-    m = n - n % W
-    g2 = g[:m].reshape((m // W, W))
-    w2 = w[:m].reshape((m // W, W))
-    x2 = x[:m].reshape((m // W, W))
-    acc1[:] = 0.0
-    acc2[:] = 0.0
-    for r in range(m // W):
-        for u in range(W):
-            gw = g2[r, u] * w2[r, u]
-            acc1[u] += gw
-            acc2[u] += gw * (x2[r, u] - mu)
-    s1 = _lanes_total(acc1)
-    s2 = _lanes_total(acc2)
-    for j in range(m, n):
-        gw = g[j] * w[j]
-        s1 += gw
-        s2 += gw * (x[j] - mu)
+    s1 = 0.0
+    s2 = 0.0
+    for j in range(g.shape[0]):
+        s1 += _t_prod(g[j], w[j])
+        s2 += _t_proddev(g[j], w[j], x[j], mu)
+    return s1, s2
+
+
+@njit(**_RED)
+def _row_sum2(g, x, mu):
+    """(Σ g, Σ g·(x - mu)) in float64 over contiguous rows g, x."""
+    s1 = 0.0
+    s2 = 0.0
+    for j in range(g.shape[0]):
+        s1 += np.float64(g[j])
+        s2 += _t_proddev(g[j], 1.0, x[j], mu)
     return s1, s2
 
 
 @njit(**_JIT)
-def _row_moments(v, acc):
+def _row_moments(v):
     """(mean, M2) of a contiguous row: shifted two-pass (the row stays in cache).
 
     The shift is the row's first value, so a constant row gives mean equal to that
@@ -129,12 +117,12 @@ def _row_moments(v, acc):
     """
     n = v.shape[0]
     k = np.float64(v[0])
-    mu = k + _row_sum_shifted(v, k, acc) / n
-    return mu, _row_sumsq_dev(v, mu, acc)
+    mu = k + _row_sum_shifted(v, k) / n
+    return mu, _row_sumsq_dev(v, mu)
 
 
 @njit(**_JIT)
-def _row_moments_blocked(v, block, acc):
+def _row_moments_blocked(v, block):
     """(n, mean, M2) of a long row, two-pass per block of ``block`` values, Chan-merged."""
     n = v.shape[0]
     cn = 0.0
@@ -142,7 +130,7 @@ def _row_moments_blocked(v, block, acc):
     c2 = 0.0
     for b0 in range(0, n, block):
         b1 = min(b0 + block, n)
-        mu, m2 = _row_moments(v[b0:b1], acc)
+        mu, m2 = _row_moments(v[b0:b1])
         cn, cm, c2 = _chan(cn, cm, c2, np.float64(b1 - b0), mu, m2)
     return cn, cm, c2
 
@@ -329,10 +317,9 @@ def ncl_moments(x, nthreads, block):
     pn, pm, p2 = _zero_states(nthreads, C)
     for t in prange(nthreads):
         r0, r1 = _span(t, N, nthreads)
-        acc = np.empty(_lanes_for(L))
         for i in range(r0, r1):
             for c in range(C):
-                rn, rm, r2 = _row_moments_blocked(x[i, c], block, acc)
+                rn, rm, r2 = _row_moments_blocked(x[i, c], block)
                 pn[t, c], pm[t, c], p2[t, c] = _chan(pn[t, c], pm[t, c], p2[t, c], rn, rm, r2)
     return _merge_partials(pn, pm, p2)
 
@@ -402,19 +389,16 @@ def bn_bwd_sums_cols(dy, x, mean, k1, dx, write_dx, nthreads):
 def bn_bwd_sums_ncl(dy, x, mean, k1, dx, write_dx, nthreads):
     """(N, C, L) twin of :func:`bn_bwd_sums_cols`; dy, x and dx must be C-contiguous."""
     N, C, L = x.shape
-    ones = np.ones(L)
     p1 = np.zeros((nthreads, C))
     p2 = np.zeros((nthreads, C))
     for t in prange(nthreads):
         r0, r1 = _span(t, N, nthreads)
-        acc1 = np.empty(_lanes_for(L))
-        acc2 = np.empty(_lanes_for(L))
         for i in range(r0, r1):
             for c in range(C):
                 m = mean[c]
                 gr = dy[i, c]
                 xr = x[i, c]
-                s1, s2 = _row_dot2(gr, ones, xr, m, acc1, acc2)
+                s1, s2 = _row_sum2(gr, xr, m)
                 p1[t, c] += s1
                 p2[t, c] += s2
                 if write_dx:
@@ -469,14 +453,13 @@ def rownorm_fwd(x, weight, bias, eps, center, out, mean, rstd, nthreads):
     R, D = x.shape
     for t in prange(nthreads):
         r0, r1 = _span(t, R, nthreads)
-        acc = np.empty(_lanes_for(D))
         for i in range(r0, r1):
             xr = x[i]
             if center:
-                mu, m2 = _row_moments(xr, acc)
+                mu, m2 = _row_moments(xr)
             else:
                 mu = 0.0
-                m2 = _row_sumsq_dev(xr, 0.0, acc)
+                m2 = _row_sumsq_dev(xr, 0.0)
             r = 1.0 / np.sqrt(m2 / D + eps)
             mean[i] = mu
             rstd[i] = r
@@ -500,8 +483,6 @@ def rownorm_bwd(dy, x, weight, mean, rstd, center, dx, nthreads):
     pb = np.zeros((nthreads, D))
     for t in prange(nthreads):
         r0, r1 = _span(t, R, nthreads)
-        acc1 = np.empty(_lanes_for(D))
-        acc2 = np.empty(_lanes_for(D))
         aw = np.zeros(D)
         ab = np.zeros(D)
         for i in range(r0, r1):
@@ -509,7 +490,7 @@ def rownorm_bwd(dy, x, weight, mean, rstd, center, dx, nthreads):
             gr = dy[i]
             mu = mean[i]
             r = rstd[i]
-            sg, sgx = _row_dot2(gr, weight, xr, mu, acc1, acc2)
+            sg, sgx = _row_dot2(gr, weight, xr, mu)
             mg = sg / D if center else 0.0
             mgx = sgx * r / D
             drow = dx[i]
@@ -541,10 +522,9 @@ def groupnorm_fwd(x, weight, bias, G, eps, out, mean, var, rstd, nthreads):
     D = Cg * L
     for t in prange(nthreads):
         r0, r1 = _span(t, R, nthreads)
-        acc = np.empty(_lanes_for(D))
         for i in range(r0, r1):
             blk = x[i].reshape(D)
-            mu, m2 = _row_moments(blk, acc)
+            mu, m2 = _row_moments(blk)
             r = 1.0 / np.sqrt(m2 / D + eps)
             mean[i] = mu
             var[i] = m2 / D
@@ -574,9 +554,6 @@ def groupnorm_bwd(dy, x, weight, G, mean, rstd, dx, nthreads):
     pb = np.zeros((nthreads, C))
     for t in prange(nthreads):
         r0, r1 = _span(t, R, nthreads)
-        acc1 = np.empty(_lanes_for(L))
-        acc2 = np.empty(_lanes_for(L))
-        ones = np.ones(L)
         for i in range(r0, r1):
             mu = mean[i]
             r = rstd[i]
@@ -585,7 +562,7 @@ def groupnorm_bwd(dy, x, weight, G, mean, rstd, dx, nthreads):
             sgx = 0.0
             for ci in range(Cg):
                 c = g * Cg + ci
-                s1, s2 = _row_dot2(dy[i, ci], ones, x[i, ci], mu, acc1, acc2)
+                s1, s2 = _row_sum2(dy[i, ci], x[i, ci], mu)
                 pb[t, c] += s1
                 pw[t, c] += r * s2
                 sg += weight[c] * s1
@@ -611,12 +588,12 @@ def groupnorm_bwd(dy, x, weight, G, mean, rstd, dx, nthreads):
 
 
 @njit(**_JIT)
-def _sample_moments(xr, acc):
+def _sample_moments(xr):
     """Per-sample (mean, biased variance) of one channel's L values."""
     L = xr.shape[0]
     if L == 1:
         return np.float64(xr[0]), 0.0
-    mu, m2 = _row_moments(xr, acc)
+    mu, m2 = _row_moments(xr)
     return mu, m2 / L
 
 
@@ -632,7 +609,6 @@ def online_fwd(x, mu, var, alpha_f, eps, weight, bias, out, nthreads):
     a = alpha_f
     for t in prange(nthreads):
         c0, c1 = _span(t, C, nthreads)
-        acc = np.empty(_lanes_for(L))
         for n in range(N):
             for c in range(c0, c1):
                 m = mu[c]
@@ -643,7 +619,7 @@ def online_fwd(x, mu, var, alpha_f, eps, weight, bias, out, nthreads):
                 orow = out[n, c]
                 for j in range(L):
                     orow[j] = (xr[j] - m) * k + b
-                mt, st = _sample_moments(xr, acc)
+                mt, st = _sample_moments(xr)
                 d = mt - m
                 mu[c] = m + (1.0 - a) * d
                 var[c] = a * var[c] + (1.0 - a) * st + a * (1.0 - a) * d * d
@@ -668,7 +644,6 @@ def online_bwd(dout, x, mu, var, u, v, alpha_f, alpha_b, eps, weight, update, dx
     db = np.zeros(C)
     for t in prange(nthreads):
         c0, c1 = _span(t, C, nthreads)
-        acc = np.empty(_lanes_for(L))
         for n in range(N):
             for c in range(c0, c1):
                 m = mu[c]
@@ -706,7 +681,7 @@ def online_bwd(dout, x, mu, var, u, v, alpha_f, alpha_b, eps, weight, update, dx
                 dw[c] += sdyy
                 db[c] += sdy
                 if update:  # eval mode froze the state; train mode advanced it
-                    mt, st = _sample_moments(xr, acc)
+                    mt, st = _sample_moments(xr)
                     d = mt - m
                     mu[c] = m + (1.0 - a) * d
                     var[c] = a * var[c] + (1.0 - a) * st + a * (1.0 - a) * d * d
