@@ -219,19 +219,21 @@ class StreamScaler(*_BASES):  # type: ignore[misc]
         ms = float(self.min_scale)
         if not ms > 0:
             raise ValueError(f"min_scale must be positive, got {self.min_scale!r}")
-        stats = RunningStats(decay=self._decay_value(), nan_policy=self.nan_policy) if first else self._stats.copy()
+        stats = RunningStats(decay=self._decay_value(), nan_policy=self.nan_policy) if first else self._stats
         if _is_dask_array(Xa):
             from .dask import scaler_moments
 
             # one compute; the weight, NaN and inf checks run in the blocks' tasks
-            stats._fold(*scaler_moments(Xa, sample_weight, self.nan_policy))
+            moments = scaler_moments(Xa, sample_weight, self.nan_policy)
         else:
             if sample_weight is not None:
                 w = np.asarray(sample_weight, dtype=np.float64)
                 if w.size and not np.any(w):
                     raise ValueError("sample_weight is all zeros: at least one sample must have a non-zero weight")
-            stats.update(Xa, axis=0, weights=sample_weight)  # raises before anything is committed
-            _raise_on_inf(Xa, stats._mean + stats._m2)  # finite statistics: no inf, no scan
+            moments = stats.chunk_moments(Xa, axis=0, weights=sample_weight)
+            _raise_on_inf(Xa, moments[2], moments[3])  # finite statistics: no inf, no scan
+        # every check has passed: only now is the state changed
+        stats._fold(*moments)
         self._stats = stats
         if first:
             self.n_features_in_ = Xa.shape[1]
@@ -277,25 +279,14 @@ class StreamScaler(*_BASES):  # type: ignore[misc]
         """Set the fitted attributes from the state (cheap: it runs after every chunk)."""
         st = self._stats
         n = st._n
-        with np.errstate(invalid="ignore", divide="ignore"):
-            var = st._m2 / n  # 0/0 gives NaN for a feature that has seen no value
-        mean = st._mean
-        if (n == 0).any():
-            mean = np.where(n == 0, np.nan, mean)
-        n0 = n[0] if n.size else 0.0
-        uniform = n.size and n.min() == n.max() and float(n0).is_integer()
-        self.n_samples_seen_ = int(n0) if uniform else n.copy()
-        self.mean_ = mean.copy() if self.with_mean or self.with_std else None
+        mean, var, scale, uniform = K.scaler_attributes(n, st._mean, st._m2, float(self.min_scale))
+        n0 = float(n[0]) if n.size else 0.0
+        self.n_samples_seen_ = int(n0) if uniform and n0.is_integer() else n.copy()
+        # a feature without statistics (NaN: it has seen only NaN, or NaN propagated)
+        # keeps a NaN scale, so its transform is NaN rather than x / min_scale
+        self.mean_ = mean if self.with_mean or self.with_std else None
         self.var_ = var if self.with_std else None
-        if self.with_std:
-            # a feature without statistics (NaN: it has seen only NaN, or NaN propagated)
-            # keeps a NaN scale, so its transform is NaN rather than x / min_scale
-            with np.errstate(invalid="ignore"):
-                self.scale_ = np.where(np.isnan(var), np.nan, np.maximum(np.sqrt(var), float(self.min_scale)))
-        else:
-            self.scale_ = None
-        if not self.with_mean and not self.with_std:
-            self.mean_ = None
+        self.scale_ = scale if self.with_std else None
 
     def merge(self, other: "StreamScaler") -> "StreamScaler":
         """Fold another fitted scaler's statistics in (exact Chan merge).  Returns self.
@@ -475,10 +466,10 @@ def _reject_sparse(X) -> None:
         raise TypeError("StreamScaler does not support sparse input; pass a dense array (X.toarray())")
 
 
-def _raise_on_inf(X: np.ndarray, hint=None) -> None:
-    """Raise on ±inf in X.  ``hint`` (an array computed from X, such as its statistics)
-    lets the common all-finite case skip the scan of X."""
-    if hint is not None and np.all(np.isfinite(hint)):
+def _raise_on_inf(X: np.ndarray, *hints: np.ndarray) -> None:
+    """Raise on ±inf in X.  ``hints`` (float64 arrays computed from X, such as its
+    statistics) let the common all-finite case skip the scan of X."""
+    if hints and K.all_finite(*hints):
         return
     if np.isinf(X).any():
         raise ValueError("Input X contains infinity or a value too large for dtype('float64').")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any, Literal
 
@@ -186,8 +187,8 @@ class RunningStats:
         else:
             ax = check_axis(x.ndim, axis)
             m = x.shape[ax]
-            a = int(np.prod(x.shape[:ax], dtype=np.int64))
-            b = int(np.prod(x.shape[ax + 1 :], dtype=np.int64))
+            a = math.prod(x.shape[:ax])
+            b = math.prod(x.shape[ax + 1 :])
             fshape = x.shape[:ax] + x.shape[ax + 1 :]
             x3 = canonical_view(x, (a, m, b))
         w = None

@@ -46,13 +46,32 @@ def test_axis_none_pools_everything(rng):
 
 
 def test_many_blocks_per_thread_against_fsum(rng):
-    # 20000 rows of 64 features: blocks of 512 rows, several per thread
+    # 20000 rows of 64 features: blocks of 256 rows, dozens per thread, a partial last one
     x = rng.standard_normal((20000, 64)) * 0.5 + 10
     rs = RunningStats().update(x)
     for j in (0, 17, 63):
         mu, var = fsum_mean_var(x[:, j])
         assert rs.mean[j] == pytest.approx(mu, rel=1e-14)
         assert rs.var[j] == pytest.approx(var, rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("block", [1, 3, 8, 64])
+@pytest.mark.parametrize("nthreads", [1, 2, 3])
+def test_column_kernel_at_every_block_boundary(rng, dtype, block, nthreads):
+    # the column kernel's blocks, and its prefetch of the next block, at their edges:
+    # one-row blocks, a partial last block, thread ranges that are not a multiple of
+    # the block, more than one leading index
+    from streamnorm import _kernels_cpu as K
+
+    x = (rng.standard_normal((3, 101, 37)) * 2 + 5).astype(dtype)
+    n, mean, m2 = K.col_moments(x, nthreads, block)
+    for a in range(3):
+        for j in (0, 18, 36):
+            mu, var = fsum_mean_var(x[a, :, j].astype(np.float64))
+            assert n[a * 37 + j] == 101
+            assert mean[a * 37 + j] == pytest.approx(mu, rel=1e-14)
+            assert m2[a * 37 + j] / 101 == pytest.approx(var, rel=1e-12)
 
 
 def test_offset_1e8_is_exact_to_1e9(rng):
