@@ -7,7 +7,9 @@ peer measured in the same run on the same data: the same operation written by ha
 plain NumPy (always there), PyTorch CPU and scikit-learn (when installed).
 
 The bound is ``passes × bytes / B`` with ``B`` the copy bandwidth of ``np.copyto`` on a
-large array, measured at the start of the run (read + write bytes over time).
+large array (read + write bytes over time).  Each row times that copy in the same rounds
+as its kernels, so that a busy spell of a shared machine moves the bound with them; the
+header gives the copy bandwidth measured once at the start.
 
 The NumPy peers (the ``numpy_*`` functions below, each callable on given arrays) are
 what a careful NumPy user writes: whole-array ufuncs and reductions, the per-channel
@@ -58,12 +60,26 @@ def _median_time(fn: Callable[[], object], repeat: int) -> float:
     return statistics.median(times)
 
 
+class CopyProbe:
+    """``np.copyto`` between two float64 arrays of ``nbytes`` each: the bound's copy."""
+
+    def __init__(self, nbytes: int = 256 * MiB):
+        self.src = np.ones(nbytes // 8)
+        self.dst = np.empty_like(self.src)
+        self.nbytes = 2 * self.src.nbytes  # read + write
+
+    def __call__(self) -> None:
+        np.copyto(self.dst, self.src)
+
+    def bandwidth(self, seconds: float) -> float:
+        """Bytes per second for one copy that took ``seconds``."""
+        return self.nbytes / seconds
+
+
 def copy_bandwidth(nbytes: int = 256 * MiB, repeat: int = 7) -> float:
     """Bytes per second of ``np.copyto`` (read + write) on arrays of ``nbytes``."""
-    src = np.ones(nbytes // 8)
-    dst = np.empty_like(src)
-    t = _median_time(lambda: np.copyto(dst, src), repeat)
-    return 2 * src.nbytes / t
+    probe = CopyProbe(nbytes)
+    return probe.bandwidth(_median_time(probe, repeat))
 
 
 # ---------------------------------------------------------------------------
@@ -357,6 +373,7 @@ class Row:
     peers_ms: dict[str, float]
     speedup: dict[str, float]
     throughput: str = ""
+    copy_gbps: float = 0.0  # the bound's copy bandwidth, measured in the same rounds
 
 
 def _torch():
@@ -568,10 +585,17 @@ def select_cases(cases: list[Case], ops: str | None) -> list[Case]:
 # ---------------------------------------------------------------------------
 
 
-def run_case(case: Case, bandwidth: float, repeat: int) -> Row:
+def run_case(case: Case, bandwidth: float | CopyProbe, repeat: int) -> Row:
     """Time ours and every peer, interleaved repeat by repeat (so that a slow spell of a
-    shared machine hits all of them alike), and report medians."""
+    shared machine hits all of them alike), and report medians.
+
+    ``bandwidth`` is the bound's copy bandwidth in bytes per second, or a
+    :class:`CopyProbe` timed in the same rounds as the kernels, so that the bound and
+    the time it is compared with see the same machine.
+    """
     fns = {"ours": case.ours, **case.peers}
+    if isinstance(bandwidth, CopyProbe):
+        fns["copy"] = bandwidth
     for fn in fns.values():
         fn()  # warm-up: compilation, page faults, allocator
     times: dict[str, list[float]] = {k: [] for k in fns}
@@ -581,6 +605,8 @@ def run_case(case: Case, bandwidth: float, repeat: int) -> Row:
             fn()
             times[k].append(time.perf_counter() - t0)
     t = statistics.median(times["ours"])
+    if isinstance(bandwidth, CopyProbe):
+        bandwidth = bandwidth.bandwidth(statistics.median(times.pop("copy")))
     traffic = case.passes * case.nbytes
     bound = traffic / bandwidth
     peers_ms, speedup = {}, {}
@@ -602,6 +628,7 @@ def run_case(case: Case, bandwidth: float, repeat: int) -> Row:
         peers_ms,
         speedup,
         note,
+        bandwidth / 1e9,
     )
 
 
@@ -612,12 +639,13 @@ def _peer_names(rows: list[Row]) -> list[str]:
 
 def format_table(rows: list[Row], bandwidth: float, threads: int) -> str:
     peer_names = _peer_names(rows)
-    head = ["operation", "shape", "dtype", "passes", "streamnorm ms", "GB/s", "of bound"]
+    head = ["operation", "shape", "dtype", "passes", "streamnorm ms", "GB/s", "copy GB/s", "of bound"]
     for p in peer_names:
         head += [f"{p} ms", f"vs {p}"]
     lines = [head]
     for r in rows:
-        line = [r.op, r.shape, r.dtype, str(r.passes), f"{r.streamnorm_ms:.1f}", f"{r.gbps:.1f}", f"{r.bound_fraction:.0%}"]
+        line = [r.op, r.shape, r.dtype, str(r.passes), f"{r.streamnorm_ms:.1f}", f"{r.gbps:.1f}",
+                f"{r.copy_gbps:.1f}", f"{r.bound_fraction:.0%}"]
         for p in peer_names:
             if p in r.peers_ms:
                 line += [f"{r.peers_ms[p]:.1f}", f"{r.speedup[p]:.1f}×"]
@@ -794,12 +822,14 @@ def main(argv: list[str] | None = None) -> int:
     if not cases:
         names = ", ".join(dict.fromkeys(c.op for c in all_cases))
         p.error(f"--ops {args.ops!r} matches no operation; the operations are: {names}")
+    probe = CopyProbe(max(256, args.size_mib) * MiB)
     bandwidth = copy_bandwidth(max(256, args.size_mib) * MiB)
     print(machine_line(bandwidth, threads))
-    print(f"medians of {args.repeat} runs after a warm-up call; 'vs X' is X's time over ours\n", flush=True)
+    print(f"medians of {args.repeat} runs after a warm-up call; 'vs X' is X's time over ours; the bound's "
+          "copy is timed in the same rounds as each row\n", flush=True)
     rows = []
     for case in cases:
-        rows.append(run_case(case, bandwidth, args.repeat))
+        rows.append(run_case(case, probe, args.repeat))
         print(f"  measured {case.op}", file=sys.stderr, flush=True)
     print(format_table(rows, bandwidth, threads))
     if any(c.op.startswith("StreamScaler") for c in cases):
