@@ -255,7 +255,7 @@ def _merge_partials(pn, pm, p2):
 # ---------------------------------------------------------------------------
 
 
-@njit(inline="always", **_JIT)
+@njit(**_JIT)
 def _prefetch_row(x, a, i, B, step):
     for j in range(0, B, step):
         _prefetch(x, a, i, j)
