@@ -561,6 +561,42 @@ def rownorm_fwd(x, weight, bias, eps, center, out, mean, rstd, nthreads):
                 orow[j] = ((xr[j] - mu) * r) * weight[j] + bias[j]
 
 
+@njit(**_JIT)
+def _row_dx(g, x, w, mu, r, mg, mgx, dx):
+    """One row of the row-norm backward: ``dx = r·(g·w - mg - x̂·mgx)``, ``x̂ = (x - mu)·r``."""
+    for j in range(g.shape[0]):
+        xh = (x[j] - mu) * r
+        dx[j] = r * (np.float64(g[j]) * w[j] - mg - xh * mgx)
+
+
+@njit(**_JIT)
+def _param_grads1(g, x, mu, r, aw, ab):
+    """``aw += g·x̂`` and ``ab += g`` for one row."""
+    for j in range(g.shape[0]):
+        gj = np.float64(g[j])
+        aw[j] += gj * ((x[j] - mu) * r)
+        ab[j] += gj
+
+
+@njit(**_JIT)
+def _param_grads4(dy, x, mean, rstd, i, aw, ab):
+    """``aw += Σ g·x̂`` and ``ab += Σ g`` over rows i..i+3, the four rows summed pairwise
+    first: aw and ab are then read and written once per four rows instead of every row."""
+    g0, g1, g2, g3 = dy[i], dy[i + 1], dy[i + 2], dy[i + 3]
+    x0, x1, x2, x3 = x[i], x[i + 1], x[i + 2], x[i + 3]
+    m0, m1, m2, m3 = mean[i], mean[i + 1], mean[i + 2], mean[i + 3]
+    r0, r1, r2, r3 = rstd[i], rstd[i + 1], rstd[i + 2], rstd[i + 3]
+    for j in range(g0.shape[0]):
+        a = np.float64(g0[j])
+        b = np.float64(g1[j])
+        c = np.float64(g2[j])
+        d = np.float64(g3[j])
+        aw[j] += (a * ((x0[j] - m0) * r0) + b * ((x1[j] - m1) * r1)) + (
+            c * ((x2[j] - m2) * r2) + d * ((x3[j] - m3) * r3)
+        )
+        ab[j] += (a + b) + (c + d)
+
+
 @njit(parallel=True, **_JIT)
 def rownorm_bwd(dy, x, weight, mean, rstd, center, dx, nthreads):
     """LayerNorm / RMSNorm backward over rows; returns (dweight, dbias) as (D,) float64.
@@ -568,7 +604,8 @@ def rownorm_bwd(dy, x, weight, mean, rstd, center, dx, nthreads):
     With ``g = dy·w`` and ``x̂ = (x - μ)·r``:
     LayerNorm ``dx = r·(g - mean(g) - x̂·mean(g·x̂))``;
     RMSNorm   ``dx = r·(g - x̂·mean(g·x̂))``.
-    ``dweight = Σ_rows dy·x̂`` and ``dbias = Σ_rows dy`` use per-thread partials.
+    ``dweight = Σ_rows dy·x̂`` and ``dbias = Σ_rows dy`` use per-thread partials, to
+    which every fourth row adds the last four rows (still in cache).
     dy, x and dx must be C-contiguous.
     """
     R, D = x.shape
@@ -585,14 +622,11 @@ def rownorm_bwd(dy, x, weight, mean, rstd, center, dx, nthreads):
             r = rstd[i]
             sg, sgx = _row_dot2(gr, weight, xr, mu)
             mg = sg / D if center else 0.0
-            mgx = sgx * r / D
-            drow = dx[i]
-            for j in range(D):
-                gj = np.float64(gr[j])
-                xh = (xr[j] - mu) * r
-                aw[j] += gj * xh
-                ab[j] += gj
-                drow[j] = r * (gj * weight[j] - mg - xh * mgx)
+            _row_dx(gr, xr, weight, mu, r, mg, sgx * r / D, dx[i])
+            if (i - r0) % 4 == 3:
+                _param_grads4(dy, x, mean, rstd, i - 3, aw, ab)
+        for i in range(r1 - (r1 - r0) % 4, r1):
+            _param_grads1(dy[i], x[i], mean[i], rstd[i], aw, ab)
         pw[t] = aw
         pb[t] = ab
     return pw.sum(axis=0), pb.sum(axis=0)

@@ -102,3 +102,30 @@ def test_non_contiguous_and_read_only(rng, make):
     x.flags.writeable = False
     y, _ = F.layer_norm_forward(x, x.shape[-1])
     np.testing.assert_allclose(y, layer_norm_ref(x, 1, None, None, 1e-5), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 8, 11, 23])
+@pytest.mark.parametrize("nthreads", [1, 2, 3])
+@pytest.mark.parametrize("center", [True, False])
+def test_parameter_gradients_at_every_row_grouping(rng, rows, nthreads, center):
+    # the backward folds the parameter gradients in four rows at a time, then the
+    # rows left over: every remainder, and thread ranges that split the groups
+    from streamnorm import _kernels_cpu as K
+
+    D = 37
+    x = (rng.standard_normal((rows, D)) * 2 + 3).astype(np.float32)
+    dy = rng.standard_normal((rows, D)).astype(np.float32)
+    w = rng.standard_normal(D)
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    mean = x64.mean(axis=1) if center else np.zeros(rows)
+    var = ((x64 - mean[:, None]) ** 2).mean(axis=1)
+    rstd = 1 / np.sqrt(var + 1e-5)
+    xhat = (x64 - mean[:, None]) * rstd[:, None]
+    dx = np.empty_like(x)
+    dw, db = K.rownorm_bwd(dy, x, w, mean, rstd, center, dx, nthreads)
+    np.testing.assert_allclose(dw, (dy64 * xhat).sum(axis=0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(db, dy64.sum(axis=0), rtol=1e-12, atol=1e-12)
+    g = dy64 * w
+    mg = g.mean(axis=1, keepdims=True) if center else 0.0
+    ref = rstd[:, None] * (g - mg - xhat * (g * xhat).mean(axis=1, keepdims=True))
+    np.testing.assert_allclose(dx, ref, rtol=2e-6, atol=1e-6)
