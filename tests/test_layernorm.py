@@ -129,3 +129,21 @@ def test_parameter_gradients_at_every_row_grouping(rng, rows, nthreads, center):
     mg = g.mean(axis=1, keepdims=True) if center else 0.0
     ref = rstd[:, None] * (g - mg - xhat * (g * xhat).mean(axis=1, keepdims=True))
     np.testing.assert_allclose(dx, ref, rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 7, 64, 1000, 4099])
+def test_row_statistics_are_exact_to_1e9_with_a_large_offset(rng, n):
+    # the row sums run as several vector partial sums; the terms x - c and (x - μ)²
+    # must still be rounded as written (no algebraic rewrite), which the offset exposes
+    from naive import fsum_mean_var
+    from streamnorm import _kernels_cpu as K
+
+    x = 1e8 + rng.standard_normal(n)
+    mu, m2 = K._row_moments(x)
+    ref_mu, ref_var = fsum_mean_var(x)
+    assert mu == pytest.approx(ref_mu, rel=1e-15)
+    if n > 1:
+        assert m2 / n == pytest.approx(ref_var, rel=1e-9)
+    # a constant row: mean exactly its value, M2 exactly 0
+    c = np.full(n, 0.1 * 3)
+    assert K._row_moments(c) == (c[0], 0.0)
