@@ -274,6 +274,12 @@ def col_moments(x, nthreads, block):
     A, M, B = x.shape
     F = A * B
     step = max(1, _LINE // x.itemsize)
+    # float32 data needs no shift (docs/math.rst): a float32 value has 24 significant
+    # bits, so the float64 sum of n of them is exact unless they differ in magnitude by
+    # more than about 2^(30 - log2 n); a constant column sums to exactly n times its
+    # value; and any rounding of the mean enters M2 only at second order, since the
+    # second sweep subtracts the mean it computed.  The first sweep saves a subtraction.
+    single = x.itemsize == 4
     pn, pm, p2 = _zero_states(nthreads, F)
     for t in prange(nthreads):
         r0, r1 = _span(t, M, nthreads)
@@ -285,14 +291,18 @@ def col_moments(x, nthreads, block):
                 nb_ = np.float64(b1 - b0)
                 p = b1  # the next row to prefetch
                 for j in range(B):
-                    k[j] = x[a, b0, j]
+                    k[j] = 0.0 if single else x[a, b0, j]
                     s[j] = 0.0
                 for i in range(b0, b1):
                     if (i - b0) % 2 == 0 and p < r1:
                         _prefetch_row(x, a, p, B, step)
                         p += 1
-                    for j in range(B):
-                        s[j] += x[a, i, j] - k[j]
+                    if single:
+                        for j in range(B):
+                            s[j] += x[a, i, j]
+                    else:
+                        for j in range(B):
+                            s[j] += x[a, i, j] - k[j]
                 for j in range(B):
                     k[j] = k[j] + s[j] / nb_
                     s[j] = 0.0

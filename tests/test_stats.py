@@ -74,6 +74,21 @@ def test_column_kernel_at_every_block_boundary(rng, dtype, block, nthreads):
             assert m2[a * 37 + j] / 101 == pytest.approx(var, rel=1e-12)
 
 
+def test_float32_columns_without_shift_stay_exact(rng):
+    # float32 columns are summed without a shift: an offset of 1e4 std and values
+    # spread over many orders of magnitude must still match math.fsum
+    x = np.empty((3000, 3), dtype=np.float32)
+    x[:, 0] = 1e4 + rng.standard_normal(3000)
+    x[:, 1] = rng.standard_normal(3000) * np.logspace(-20, 20, 3000)
+    x[:, 2] = -7.25
+    rs = RunningStats().update(x)
+    for j in range(3):
+        mu, var = fsum_mean_var(x[:, j].astype(np.float64))
+        assert rs.mean[j] == pytest.approx(mu, rel=1e-15)
+        assert rs.var[j] == pytest.approx(var, rel=1e-12, abs=0)
+    assert rs.mean[2] == -7.25 and rs.var[2] == 0.0
+
+
 def test_offset_1e8_is_exact_to_1e9(rng):
     x = 1e8 + rng.standard_normal((20000, 2))
     rs = RunningStats()
