@@ -77,12 +77,6 @@ class CopyProbe:
         return self.nbytes / seconds
 
 
-def copy_bandwidth(nbytes: int = 256 * MiB, repeat: int = 7) -> float:
-    """Bytes per second of ``np.copyto`` (read + write) on arrays of ``nbytes``."""
-    probe = CopyProbe(nbytes)
-    return probe.bandwidth(_median_time(probe, repeat))
-
-
 # ---------------------------------------------------------------------------
 # The NumPy peers: plain NumPy, on given arrays
 # ---------------------------------------------------------------------------

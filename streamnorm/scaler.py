@@ -466,10 +466,10 @@ def _reject_sparse(X) -> None:
         raise TypeError("StreamScaler does not support sparse input; pass a dense array (X.toarray())")
 
 
-def _raise_on_inf(X: np.ndarray, *hints: np.ndarray) -> None:
-    """Raise on ±inf in X.  ``hints`` (float64 arrays computed from X, such as its
-    statistics) let the common all-finite case skip the scan of X."""
-    if hints and K.all_finite(*hints):
+def _raise_on_inf(X: np.ndarray, mean=None, m2=None) -> None:
+    """Raise on ±inf in X.  X's statistics (``mean`` and ``m2``, float64), when given
+    and finite, let the common case skip the scan of X."""
+    if mean is not None and K.all_finite(mean, m2):
         return
     if np.isinf(X).any():
         raise ValueError("Input X contains infinity or a value too large for dtype('float64').")
