@@ -195,7 +195,7 @@ def group_norm_backward(dy, cache: GroupNormCache, out=None):
 # ------------------------------------------------------------------- OnlineNorm
 
 
-def online_norm_forward(x, mu, var, weight, bias, *, alpha_fwd, eps, training, ecm):
+def online_norm_forward(x, mu, var, weight, bias, *, alpha_fwd, eps, training, ecm, out=None):
     xd = C.as_device(x)
     shape = tuple(xd.shape)
     if len(shape) < 2:
@@ -208,7 +208,8 @@ def online_norm_forward(x, mu, var, weight, bias, *, alpha_fwd, eps, training, e
     eps = _online_checks(mu0, var0, alpha_fwd, ecm, eps)
     w = _vec(weight, Ch, "weight")
     b = _vec(bias, Ch, "bias")
-    yo, y = C.output(x, shape, xd.dtype)
+    # with error compensation the affine output is kept for the backward: a new array
+    yo, y = C.output(x, shape, xd.dtype) if ecm is not None else _out(out, x, shape, xd.dtype)
     y3 = y.reshape(x3.shape)
     new_mu, new_var = C.copy(mu0, x), C.copy(var0, x)
     if x3.size:
@@ -221,7 +222,7 @@ def online_norm_forward(x, mu, var, weight, bias, *, alpha_fwd, eps, training, e
     pre = ls_rstd = None
     if ecm is not None:  # the affine output is kept for the backward; y is a new array
         pre = y3
-        yo, y = C.output(x, shape, xd.dtype)
+        yo, y = _out(out, x, shape, xd.dtype)
         if ecm == "ac":
             C.clip(pre, _ECM_CLIP, out=y)
         else:
@@ -230,7 +231,7 @@ def online_norm_forward(x, mu, var, weight, bias, *, alpha_fwd, eps, training, e
     return yo, C.like(x, new_mu), C.like(x, new_var), cache
 
 
-def online_norm_backward(dy, cache: OnlineNormCache, u, v, *, alpha_bkw):
+def online_norm_backward(dy, cache: OnlineNormCache, u, v, *, alpha_bkw, out=None):
     x3 = cache.x3
     d = _dy(dy, cache.shape)
     if not 0.0 <= alpha_bkw < 1.0:
@@ -248,7 +249,7 @@ def online_norm_backward(dy, cache: OnlineNormCache, u, v, *, alpha_bkw):
         C.row_backward(g3.reshape(a2.shape), a2, g2, None, cache.ls_rstd, cache.ls_rstd, False, param_grads=False)
         g3 = g2.reshape(x3.shape)
     new_u, new_v = C.copy(u0, dy), C.copy(v0, dy)
-    dxo, dx = C.output(dy, cache.shape, _result_dtype(x3, g3))
+    dxo, dx = _out(out, dy, cache.shape, _result_dtype(x3, g3))
     if x3.size:
         dw, db = C.online_backward(
             g3, x3, dx.reshape(x3.shape), C.copy(cache.mu0), C.copy(cache.var0), new_u, new_v, cache.alpha_fwd,

@@ -762,6 +762,20 @@ def online_fwd(x, mu, var, alpha_f, eps, weight, bias, out, nthreads):
                 var[c] = a * var[c] + (1.0 - a) * st + a * (1.0 - a) * d * d
 
 
+@njit(**_JIT)
+def _online_dx(g, x, m, a, b, c, dx):
+    """``dx = a·g - b·(x - m) - c`` over one sample's values of a channel."""
+    for j in range(g.shape[0]):
+        dx[j] = a * np.float64(g[j]) - b * (x[j] - m) - c
+
+
+@njit(**_JIT)
+def _scaled(g, a, dx):
+    """``dx = g·a`` over one sample's values of a channel."""
+    for j in range(g.shape[0]):
+        dx[j] = np.float64(g[j]) * a
+
+
 @njit(parallel=True, **_JIT)
 def online_bwd(dout, x, mu, var, u, v, alpha_f, alpha_b, eps, weight, update, dx, nthreads):
     """Online Normalization backward; replays the forward recurrence from its start state.
@@ -773,6 +787,13 @@ def online_bwd(dout, x, mu, var, u, v, alpha_f, alpha_b, eps, weight, update, dx
     ``dx = ĝ - (1 - α_b)·u``, ``u += ⟨dx⟩`` (``⟨·⟩`` the mean over L).  With
     ``update`` false (eval mode) the control terms are skipped: ``dx = g/scale``.
     Returns per-channel (dweight, dbias); ``u`` and ``v`` are updated in place.
+
+    Per sample and channel the L values are read three times while they sit in cache:
+    the sample mean m_t (vectorized sum), then Σ(x - m_t)², Σ dout and
+    Σ dout·(x - m_t) in one sweep, then dx.  The sums the recurrences need follow
+    exactly: with ``e = m_t - μ``, ``Σ(x - μ)² = M2_t + L·e²`` (two non-negative
+    terms) and ``Σ dout·(x - μ) = Σ dout·(x - m_t) + e·Σ dout``; ``⟨g̃·y⟩`` and
+    ``⟨dx⟩`` are linear in them.
     """
     N, C, L = x.shape
     a = alpha_f
@@ -784,93 +805,123 @@ def online_bwd(dout, x, mu, var, u, v, alpha_f, alpha_b, eps, weight, update, dx
         for n in range(N):
             for c in range(c0, c1):
                 m = mu[c]
-                scale = np.sqrt(var[c] + eps)
-                inv = 1.0 / scale
+                inv = 1.0 / np.sqrt(var[c] + eps)
                 w = weight[c]
                 xr = x[n, c]
                 gr = dout[n, c]
                 dr = dx[n, c]
-                sgy = 0.0
-                sdy = 0.0
-                sdyy = 0.0
-                vc = v[c]
-                for j in range(L):
-                    y = (xr[j] - m) * inv
-                    go = np.float64(gr[j])
-                    sdy += go
-                    sdyy += go * y
-                    gt = go * w - cb * vc * y
-                    sgy += gt * y
                 if update:
+                    mt, m2 = _row_moments(xr)
+                    e = mt - m
+                    sg, sgd = _row_sum2(gr, xr, mt)
+                    sgy = (sgd + e * sg) * inv  # Σ dout·y
+                    syy = (m2 + L * e * e) * (inv * inv)  # Σ y²
+                    vc = v[c]
                     uc = u[c]
-                    su = 0.0
-                    for j in range(L):
-                        y = (xr[j] - m) * inv
-                        gt = gr[j] * w - cb * vc * y
-                        d = gt * inv - cb * uc
-                        dr[j] = d
-                        su += d
-                    v[c] = vc + sgy / L
-                    u[c] = uc + su / L
-                else:
-                    for j in range(L):
-                        dr[j] = gr[j] * w * inv
-                dw[c] += sdyy
-                db[c] += sdy
-                if update:  # eval mode froze the state; train mode advanced it
-                    mt, st = _sample_moments(xr)
-                    d = mt - m
-                    mu[c] = m + (1.0 - a) * d
-                    var[c] = a * var[c] + (1.0 - a) * st + a * (1.0 - a) * d * d
+                    # dx = dout·w·inv - cb·v·inv²·(x - μ) - cb·u
+                    k1 = w * inv
+                    k2 = cb * vc * inv * inv
+                    k3 = cb * uc
+                    _online_dx(gr, xr, m, k1, k2, k3, dr)
+                    v[c] = vc + (w * sgy - cb * vc * syy) / L
+                    u[c] = uc + (k1 * sg - k2 * (L * e) - L * k3) / L
+                    mu[c] = m + (1.0 - a) * e
+                    var[c] = a * var[c] + (1.0 - a) * (m2 / L) + a * (1.0 - a) * e * e
+                else:  # eval mode froze the state
+                    sg, sgm = _row_sum2(gr, xr, m)
+                    sgy = sgm * inv
+                    _scaled(gr, w * inv, dr)
+                dw[c] += sgy
+                db[c] += sg
     return dw, db
 
 
+#: where :func:`_inv_sqrt` may take its float32 start: s, its float32 square root and
+#: its reciprocal are all normal float32 numbers
+_RSQRT_LO = 1e-30
+_RSQRT_HI = 1e30
+
+
+@njit(inline="always", **_JIT)
+def _inv_sqrt(s, approx):
+    """``1/sqrt(s)`` for float64 ``s``.
+
+    Exact (``1.0/np.sqrt(s)``, two correctly rounded operations) unless ``approx``;
+    then a float32 start, ``1/sqrt(float32(s))`` (relative error below 2^-22), refined
+    by one float64 Newton step ``r·(3/2 - s·r²/2)``, whose relative error is below
+    1.5·(2^-22)² + a few float64 roundings, about 2^-42.  That is far below a float32
+    output's half ulp (2^-24), and float32's square root and division run several
+    times faster than float64's.  Valid for s in [_RSQRT_LO, _RSQRT_HI]: callers
+    check and recompute exactly outside.
+    """
+    if approx:
+        r = np.float64(np.float32(1.0) / np.sqrt(np.float32(s)))
+        return r * (1.5 - (0.5 * s) * (r * r))
+    return 1.0 / np.sqrt(s)
+
+
 @njit(parallel=True, **_JIT)
-def online_fwd_cols(x, mu, var, alpha_f, eps, weight, bias, out, nthreads):
+def online_fwd_cols(x, mu, var, alpha_f, eps, weight, bias, out, nthreads, approx):
     """:func:`online_fwd` for (N, C) input (L = 1: s²_t = 0), vectorized over channels.
 
-    Each thread owns a contiguous block of channels and walks time in order.  Inner
-    loops index slices from 0 (numba's negative-index wraparound check would otherwise
-    stop LLVM from vectorizing them).
+    Each thread owns a contiguous block of channels and walks time in order, carrying
+    its block's state in arrays of its own (written back at the end), so that no cache
+    line of state is written by two threads.  Inner loops index slices from 0 (numba's
+    negative-index wraparound check would otherwise stop LLVM from vectorizing them).
+    With ``approx`` (float32 data) the scale comes from :func:`_inv_sqrt`'s refined
+    float32 start.  Returns False when some ``var + eps`` left that path's range; the
+    results are then not to be used (the caller reruns without ``approx``).
     """
     N, C = x.shape
     a = alpha_f
+    ok = np.ones(nthreads, dtype=np.bool_)
     for t in prange(nthreads):
         c0, c1 = _span(t, C, nthreads)
-        m_ = mu[c0:c1]
-        v_ = var[c0:c1]
+        m_ = mu[c0:c1].copy()
+        v_ = var[c0:c1].copy()
         w_ = weight[c0:c1]
         b_ = bias[c0:c1]
+        bad = False
         for n in range(N):
             xr = x[n, c0:c1]
             orow = out[n, c0:c1]
             for c in range(c1 - c0):
                 m = m_[c]
                 v = v_[c]
+                s = v + eps
+                bad |= (s < _RSQRT_LO) | (s > _RSQRT_HI)
                 xv = np.float64(xr[c])
-                orow[c] = (xv - m) * (w_[c] / np.sqrt(v + eps)) + b_[c]
+                orow[c] = (xv - m) * (w_[c] * _inv_sqrt(s, approx)) + b_[c]
                 d = xv - m
                 m_[c] = m + (1.0 - a) * d
                 v_[c] = a * v + a * (1.0 - a) * d * d
+        mu[c0:c1] = m_
+        var[c0:c1] = v_
+        ok[t] = not (approx and bad)
+    return ok.all()
 
 
 @njit(parallel=True, **_JIT)
-def online_bwd_cols(dout, x, mu, var, u, v, alpha_f, alpha_b, eps, weight, update, dx, nthreads):
-    """:func:`online_bwd` for (N, C) input (L = 1), vectorized over channels."""
+def online_bwd_cols(dout, x, mu, var, u, v, alpha_f, alpha_b, eps, weight, update, dx, nthreads, approx):
+    """:func:`online_bwd` for (N, C) input (L = 1), vectorized over channels, each
+    thread carrying its channels' state in arrays of its own.  ``approx`` and the
+    result's last item (False: rerun without ``approx``) as in :func:`online_fwd_cols`."""
     N, C = x.shape
     a = alpha_f
     cb = 1.0 - alpha_b
     dw = np.zeros(C)
     db = np.zeros(C)
+    ok = np.ones(nthreads, dtype=np.bool_)
     for t in prange(nthreads):
         c0, c1 = _span(t, C, nthreads)
-        m_ = mu[c0:c1]
-        v_ = var[c0:c1]
-        u_ = u[c0:c1]
-        vc_ = v[c0:c1]
+        m_ = mu[c0:c1].copy()
+        v_ = var[c0:c1].copy()
+        u_ = u[c0:c1].copy()
+        vc_ = v[c0:c1].copy()
         w_ = weight[c0:c1]
-        dw_ = dw[c0:c1]
-        db_ = db[c0:c1]
+        dw_ = np.zeros(c1 - c0)
+        db_ = np.zeros(c1 - c0)
+        bad = False
         for n in range(N):
             xr = x[n, c0:c1]
             gr = dout[n, c0:c1]
@@ -879,7 +930,9 @@ def online_bwd_cols(dout, x, mu, var, u, v, alpha_f, alpha_b, eps, weight, updat
                 for c in range(c1 - c0):
                     m = m_[c]
                     vv = v_[c]
-                    inv = 1.0 / np.sqrt(vv + eps)
+                    s = vv + eps
+                    bad |= (s < _RSQRT_LO) | (s > _RSQRT_HI)
+                    inv = _inv_sqrt(s, approx)
                     xv = np.float64(xr[c])
                     y = (xv - m) * inv
                     go = np.float64(gr[c])
@@ -901,4 +954,12 @@ def online_bwd_cols(dout, x, mu, var, u, v, alpha_f, alpha_b, eps, weight, updat
                     dw_[c] += go * y
                     db_[c] += go
                     dr[c] = go * w_[c] * inv
-    return dw, db
+        dw[c0:c1] = dw_
+        db[c0:c1] = db_
+        if update:
+            mu[c0:c1] = m_
+            var[c0:c1] = v_
+            u[c0:c1] = u_
+            v[c0:c1] = vc_
+        ok[t] = not (approx and bad)
+    return dw, db, ok.all()

@@ -1287,6 +1287,13 @@ def _online_checks(mu0, var0, alpha_fwd, ecm, eps) -> float:
     return check_positive_float(eps, "eps")
 
 
+def _online_threads(x3: np.ndarray) -> int:
+    """Threads for the (N, C) kernels, which split the channels: each thread takes at
+    least 1 KiB of every row.  Narrower slices leave the cores prefetching and writing
+    each other's cache lines, which made two threads slower than one."""
+    return max(1, min(_moments.nthreads(), x3.shape[1] * x3.itemsize // 1024))
+
+
 def _online_view(x: np.ndarray) -> np.ndarray:
     if x.ndim < 2:
         raise ValueError(f"OnlineNorm expects input of shape (N, C, ...), got {x.shape}")
@@ -1306,6 +1313,7 @@ def online_norm_forward(
     eps: float = 1e-5,
     training: bool = True,
     ecm: str | None = None,
+    out: np.ndarray | None = None,
 ):
     """Online Normalization forward (Chiley et al. 2019; docs/layers/onlinenorm.rst).  Stateless.
 
@@ -1329,6 +1337,10 @@ def online_norm_forward(
     ecm : {None, 'ac', 'ls'}
         Error compensation after the affine: activation clamping to [-5, 5] or layer
         scaling by the RMS over each sample's C·L values.
+    out : ndarray, optional
+        A preallocated C-contiguous output of x's shape and dtype, not overlapping x
+        (a GPU array for GPU input).  With ``ecm`` the affine output before the
+        compensation, which the backward needs, still goes to a new array.
 
     Returns
     -------
@@ -1369,7 +1381,7 @@ def online_norm_forward(
     """
     if is_device(x):
         return _gpu().online_norm_forward(
-            x, mu, var, weight, bias, alpha_fwd=alpha_fwd, eps=eps, training=training, ecm=ecm
+            x, mu, var, weight, bias, alpha_fwd=alpha_fwd, eps=eps, training=training, ecm=ecm, out=out
         )
     x = as_float_array(x)
     x3 = _online_view(x)
@@ -1381,11 +1393,16 @@ def online_norm_forward(
     b = _vec(bias, C, "bias")
     wk = np.ones(C) if w is None else w
     bk = np.zeros(C) if b is None else b
-    y = np.empty(x3.shape, dtype=x.dtype)
+    out3 = None if out is None else _output(out, x, x3.shape)
+    # with error compensation the affine output is kept for the backward: a new array
+    y = np.empty(x3.shape, dtype=x.dtype) if out3 is None or ecm is not None else out3
     new_mu, new_var = mu0.copy(), var0.copy()
     if x3.size:
         if training and x3.shape[2] == 1:
-            K.online_fwd_cols(x3[:, :, 0], new_mu, new_var, float(alpha_fwd), eps, wk, bk, y[:, :, 0], _moments.nthreads())
+            args = (x3[:, :, 0], new_mu, new_var, float(alpha_fwd), eps, wk, bk, y[:, :, 0], _online_threads(x3))
+            if not K.online_fwd_cols(*args, x.dtype == np.float32):
+                new_mu[:], new_var[:] = mu0, var0  # a variance left the float32 start's range
+                K.online_fwd_cols(*args, False)
         elif training:
             K.online_fwd(x3, new_mu, new_var, float(alpha_fwd), eps, wk, bk, y, _moments.nthreads())
         else:
@@ -1393,10 +1410,10 @@ def online_norm_forward(
     pre = None
     if ecm == "ac":
         pre = y
-        y = np.clip(y, -_ECM_CLIP, _ECM_CLIP)
+        y = np.clip(pre, -_ECM_CLIP, _ECM_CLIP, out=out3)
     elif ecm == "ls":
         pre = y
-        y = y * _ls_factor(y)
+        y = np.multiply(pre, _ls_factor(pre), out=np.empty_like(pre) if out3 is None else out3, casting="same_kind")
     cache = OnlineNormCache(x3, mu0, var0, wk, float(alpha_fwd), eps, bool(training), ecm, pre, x.shape)
     return y.reshape(x.shape), new_mu, new_var, cache
 
@@ -1407,7 +1424,7 @@ def _ls_factor(a: np.ndarray) -> np.ndarray:
     return (1.0 / np.sqrt(ms + _ECM_LS_EPS)).reshape(-1, 1, 1)
 
 
-def online_norm_backward(dy, cache: OnlineNormCache, u, v, *, alpha_bkw: float = 0.99):
+def online_norm_backward(dy, cache: OnlineNormCache, u, v, *, alpha_bkw: float = 0.99, out: np.ndarray | None = None):
     """Online Normalization backward (docs/layers/onlinenorm.rst), in the forward's sample order.
 
     Parameters
@@ -1420,6 +1437,9 @@ def online_norm_backward(dy, cache: OnlineNormCache, u, v, *, alpha_bkw: float =
         The backward control state before this call (start: zeros).
     alpha_bkw : float in [0, 1)
         Backward decay α_b.
+    out : ndarray, optional
+        A preallocated C-contiguous dx of dy's shape and dtype ``result_type(x, dy)``,
+        overlapping neither x nor dy (a GPU array for GPU input).
 
     Returns
     -------
@@ -1454,7 +1474,7 @@ def online_norm_backward(dy, cache: OnlineNormCache, u, v, *, alpha_bkw: float =
     (True, True)
     """
     if is_device(cache.x3):
-        return _gpu().online_norm_backward(dy, cache, u, v, alpha_bkw=alpha_bkw)
+        return _gpu().online_norm_backward(dy, cache, u, v, alpha_bkw=alpha_bkw, out=out)
     dy = as_float_array(dy, "dy")
     if dy.shape != cache.shape:
         raise ValueError(f"dy has shape {dy.shape}, but the forward input had shape {cache.shape}")
@@ -1472,14 +1492,20 @@ def online_norm_backward(dy, cache: OnlineNormCache, u, v, *, alpha_bkw: float =
         s = _ls_factor(a)
         m = np.einsum("ncl,ncl->n", g, a, dtype=np.float64).reshape(-1, 1, 1) / (a.shape[1] * a.shape[2])
         g = (s * (g - a * (s * s) * m)).astype(g.dtype, copy=False)
-    dx = np.empty(x3.shape, dtype=_out_dtype(x3, g))
-    if x3.size:
-        cols = x3.shape[2] == 1
-        kernel = K.online_bwd_cols if cols else K.online_bwd
-        sel = (lambda a: a[:, :, 0]) if cols else (lambda a: a)
-        dw, db = kernel(
-            sel(g), sel(x3), cache.mu0.copy(), cache.var0.copy(), new_u, new_v, cache.alpha_fwd, float(alpha_bkw),
-            cache.eps, cache.weight, cache.training, sel(dx), _moments.nthreads(),
+    dx = _output(out, dy, x3.shape, _out_dtype(x3, g), (x3, g))
+    if x3.size and x3.shape[2] == 1:
+        u0, v0 = new_u.copy(), new_v.copy()
+        args = (g[:, :, 0], x3[:, :, 0], cache.mu0.copy(), cache.var0.copy(), new_u, new_v, cache.alpha_fwd,
+                float(alpha_bkw), cache.eps, cache.weight, cache.training, dx[:, :, 0], _online_threads(x3))
+        dw, db, ok = K.online_bwd_cols(*args, dx.dtype == np.float32)
+        if not ok:  # a variance left the float32 start's range
+            new_u[:], new_v[:] = u0, v0
+            args[2][:], args[3][:] = cache.mu0, cache.var0
+            dw, db, _ = K.online_bwd_cols(*args, False)
+    elif x3.size:
+        dw, db = K.online_bwd(
+            g, x3, cache.mu0.copy(), cache.var0.copy(), new_u, new_v, cache.alpha_fwd, float(alpha_bkw),
+            cache.eps, cache.weight, cache.training, dx, _moments.nthreads(),
         )
     else:
         dw, db = np.zeros(C), np.zeros(C)

@@ -169,17 +169,21 @@ def test_online_norm_two_calls(rng, shape, ecm, training):
     mu, var, u, v = rng.normal(size=C), rng.uniform(0.5, 2, C), rng.normal(size=C) * 0.1, rng.normal(size=C) * 0.1
     state = (mu, var, u, v)
     dstate = tuple(D(s) for s in state)
-    for _ in range(2):  # the state carries across calls
+    for call in range(2):  # the state carries across calls; the second writes into out
         x = rng.normal(1.0, 2.0, shape)
         dy = rng.normal(size=shape)
         kw = dict(alpha_fwd=0.9, eps=1e-5, training=training, ecm=ecm)
         y, m1, v1, c = F.online_norm_forward(x, state[0], state[1], w, b, **kw)
-        yd, m1d, v1d, cd = F.online_norm_forward(D(x), dstate[0], dstate[1], D(w), D(b), **kw)
+        out = cuda.device_array(shape) if call else None
+        yd, m1d, v1d, cd = F.online_norm_forward(D(x), dstate[0], dstate[1], D(w), D(b), out=out, **kw)
+        assert out is None or yd is out
         close(yd, y)
         close(m1d, m1)
         close(v1d, v1)
         dx, dw, db, u1, vv1 = F.online_norm_backward(dy, c, state[2], state[3], alpha_bkw=0.8)
-        dxd, dwd, dbd, u1d, vv1d = F.online_norm_backward(D(dy), cd, dstate[2], dstate[3], alpha_bkw=0.8)
+        out = cuda.device_array(shape) if call else None
+        dxd, dwd, dbd, u1d, vv1d = F.online_norm_backward(D(dy), cd, dstate[2], dstate[3], alpha_bkw=0.8, out=out)
+        assert out is None or dxd is out
         for gd, g in ((dxd, dx), (dwd, dw), (dbd, db), (u1d, u1), (vv1d, vv1)):
             close(gd, g)
         state, dstate = (m1, v1, u1, vv1), (m1d, v1d, u1d, vv1d)

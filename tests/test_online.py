@@ -177,3 +177,119 @@ def test_errors_leave_state_alone(rng):
         sn.OnlineNorm(3, alpha_fwd=1.0)
     with pytest.raises(ValueError, match="ecm"):
         sn.OnlineNorm(3, ecm="xx")
+
+
+# ---- the (N, C) kernels: float32 scale path, its exact fallback, thread splits
+
+
+def _fwd_cols(x, mu, var, w, b, nthreads, approx, eps=1e-5, alpha=0.9):
+    from streamnorm import _kernels_cpu as K
+
+    y = np.empty_like(x)
+    mu, var = mu.copy(), var.copy()
+    ok = K.online_fwd_cols(x, mu, var, alpha, eps, w, b, y, nthreads, approx)
+    return ok, y, mu, var
+
+
+def _bwd_cols(g, x, mu, var, w, nthreads, approx, eps=1e-5):
+    from streamnorm import _kernels_cpu as K
+
+    C = x.shape[1]
+    dx = np.empty_like(x)
+    u, v = np.full(C, 0.3), np.full(C, -0.2)
+    dw, db, ok = K.online_bwd_cols(g, x, mu.copy(), var.copy(), u, v, 0.9, 0.8, eps, w, True, dx, nthreads, approx)
+    return ok, dx, dw, db, u, v
+
+
+def test_float32_scale_path_is_within_a_rounding_of_the_exact_one(rng):
+    N, C = 300, 37
+    x = (rng.standard_normal((N, C)) * rng.uniform(0.01, 100, C) + 5).astype(np.float32)
+    g = rng.standard_normal((N, C)).astype(np.float32)
+    mu, var = rng.standard_normal(C), rng.uniform(0.1, 10, C)
+    w, b = rng.standard_normal(C), rng.standard_normal(C)
+    ok_a, ya, mua, vara = _fwd_cols(x, mu, var, w, b, 1, True)
+    ok_e, ye, mue, vare = _fwd_cols(x, mu, var, w, b, 1, False)
+    assert ok_a and ok_e
+    # the state does not depend on the scale: identical
+    np.testing.assert_array_equal(mua, mue)
+    np.testing.assert_array_equal(vara, vare)
+    # outputs: the same float32 value, or its neighbour when the exact value lies within
+    # ~2^-42 (relative) of a rounding boundary
+    ulps = np.abs(ya.view(np.int32).astype(np.int64) - ye.view(np.int32).astype(np.int64))
+    assert ulps.max() <= 1 and np.count_nonzero(ulps) <= 2
+    ok_a, dxa, dwa, dba, ua, va = _bwd_cols(g, x, mu, var, w, 1, True)
+    ok_e, dxe, dwe, dbe, ue, ve = _bwd_cols(g, x, mu, var, w, 1, False)
+    assert ok_a and ok_e
+    np.testing.assert_allclose(dxa, dxe, rtol=2**-22, atol=0)
+    for a, e in ((dwa, dwe), (dba, dbe), (ua, ue), (va, ve)):
+        np.testing.assert_allclose(a, e, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("var0, eps", [(1e31, 1e-5), (0.0, 1e-35)])
+def test_variance_outside_the_float32_range_falls_back_to_the_exact_scale(rng, var0, eps):
+    N, C = 5, 300  # 1200 bytes a row: above one thread's minimum share
+    x = rng.standard_normal((N, C)).astype(np.float32)
+    mu, var = np.zeros(C), np.full(C, var0)
+    w, b = np.ones(C), np.zeros(C)
+    ok, *_ = _fwd_cols(x, mu, var, w, b, 1, True, eps=eps)
+    assert not ok  # the kernel reports it
+    _, ye, mue, vare = _fwd_cols(x, mu, var, w, b, 1, False, eps=eps)
+    y, nmu, nvar, cache = F.online_norm_forward(x, mu, var, w, b, alpha_fwd=0.9, eps=eps)
+    np.testing.assert_array_equal(y, ye)
+    np.testing.assert_array_equal(nmu, mue)
+    np.testing.assert_array_equal(nvar, vare)
+    g = rng.standard_normal((N, C)).astype(np.float32)
+    dx, dw, db, u, v = F.online_norm_backward(g, cache, np.full(C, 0.3), np.full(C, -0.2), alpha_bkw=0.8)
+    _, dxe, dwe, dbe, ue, ve = _bwd_cols(g, x, mu, var, w, 1, False, eps=eps)
+    for a, e in ((dx, dxe), (dw, dwe), (db, dbe), (u, ue), (v, ve)):
+        np.testing.assert_array_equal(a, e)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cols_kernels_give_the_same_bits_for_every_thread_split(rng, dtype):
+    N, C = 9, 23
+    x = rng.standard_normal((N, C)).astype(dtype)
+    g = rng.standard_normal((N, C)).astype(dtype)
+    mu, var = rng.standard_normal(C), rng.uniform(0.5, 2, C)
+    w, b = rng.standard_normal(C), rng.standard_normal(C)
+    approx = dtype == np.float32
+    ref_f = _fwd_cols(x, mu, var, w, b, 1, approx)
+    ref_b = _bwd_cols(g, x, mu, var, w, 1, approx)
+    for nt in (2, 3, 5):
+        for a, e in zip(_fwd_cols(x, mu, var, w, b, nt, approx), ref_f):
+            np.testing.assert_array_equal(a, e)
+        for a, e in zip(_bwd_cols(g, x, mu, var, w, nt, approx), ref_b):
+            np.testing.assert_array_equal(a, e)
+
+
+def test_narrow_rows_run_on_one_thread():
+    import numba
+
+    from streamnorm.functional import _online_threads
+
+    assert _online_threads(np.empty((4, 255, 1), np.float32)) == 1
+    assert _online_threads(np.empty((4, 128, 1), np.float64)) == 1
+    assert _online_threads(np.empty((4, 4096, 1), np.float32)) == min(16, numba.get_num_threads())
+
+
+@pytest.mark.parametrize("ecm", [None, "ac", "ls"])
+@pytest.mark.parametrize("shape", [(6, 4), (6, 4, 3)])
+def test_functional_out_receives_the_result(rng, shape, ecm):
+    x = rng.standard_normal(shape).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    C = shape[1]
+    y, mu, var, cache = F.online_norm_forward(x, np.zeros(C), np.ones(C), ecm=ecm)
+    out = np.empty_like(x)
+    y2, mu2, var2, cache2 = F.online_norm_forward(x, np.zeros(C), np.ones(C), ecm=ecm, out=out)
+    assert y.dtype == np.float32 and np.shares_memory(y2, out)
+    np.testing.assert_array_equal(out, y)
+    np.testing.assert_array_equal(mu2, mu)
+    dx, *_ = F.online_norm_backward(dy, cache, np.zeros(C), np.zeros(C))
+    dout = np.empty_like(x)
+    dx2, *_ = F.online_norm_backward(dy, cache2, np.zeros(C), np.zeros(C), out=dout)
+    assert np.shares_memory(dx2, dout)
+    np.testing.assert_array_equal(dout, dx)
+    with pytest.raises(ValueError, match="out has shape"):
+        F.online_norm_forward(x, np.zeros(C), np.ones(C), out=np.empty(shape))
+    with pytest.raises(ValueError, match="overlap"):
+        F.online_norm_backward(dy, cache, np.zeros(C), np.zeros(C), out=x)

@@ -157,8 +157,9 @@ class OnlineNorm(Layer):
             raise ValueError(f"OnlineNorm has {self.num_features} channels; input of shape {x.shape} does not match")
         y, mu, var, cache = F.online_norm_forward(
             x, self.buffers["mu"], self.buffers["var"], self.params.get("weight"), self.params.get("bias"),
-            alpha_fwd=self.alpha_fwd, eps=self.eps, training=self.training, ecm=self.ecm,
+            alpha_fwd=self.alpha_fwd, eps=self.eps, training=self.training, ecm=self.ecm, out=self._spare_out(x),
         )
+        self._keep_out(y)
         if self.training:
             self.buffers["mu"] = self._own(mu, self.buffers["mu"])
             self.buffers["var"] = self._own(var, self.buffers["var"])
@@ -193,7 +194,10 @@ class OnlineNorm(Layer):
         (array([2., 2.]), array([ 2.7909, -0.4433]))
         """
         cache = self._require_cache()
-        dx, dw, db, u, v = F.online_norm_backward(dy, cache, self.buffers["u"], self.buffers["v"], alpha_bkw=self.alpha_bkw)
+        dx, dw, db, u, v = F.online_norm_backward(
+            dy, cache, self.buffers["u"], self.buffers["v"], alpha_bkw=self.alpha_bkw, out=self._spare_grad(dy)
+        )
+        self._keep_out(dx, "dx")
         if cache.training:
             self.buffers["u"] = self._own(u, self.buffers["u"])
             self.buffers["v"] = self._own(v, self.buffers["v"])
