@@ -289,52 +289,70 @@ def numpy_group_norm_fb(x, dy, num_groups: int, weight, bias, eps: float = 1e-5)
     return y.reshape(x.shape), g.reshape(x.shape), dweight, dbias
 
 
-def numpy_online_norm_fb(x, dy, mu, var, u, v, weight, bias, *, alpha_fwd=0.999, alpha_bkw=0.99, eps=1e-5):
-    """OnlineNorm train forward and backward on (N, C): a loop over time, vectorized over channels.
+def numpy_online_norm(x, mu, var, weight, bias, *, alpha_fwd=0.999, eps=1e-5):
+    """OnlineNorm train forward on (N, C, *S): a loop over time, vectorized over channels
+    and values.
 
     Sample t is normalized with the statistics carried from the samples before it, then
-    ``d = x_t − μ``, ``μ += (1 − α_f)·d``, ``σ² = α_f·σ² + α_f(1 − α_f)·d²``.  The
-    forward keeps each step's normalized row and ``1/sqrt(σ² + eps)`` for the backward,
-    which runs the control recurrences in the same order, with ``c = 1 − α_b``:
-    ``g̃ = dy_t·γ − c·v·x̂_t``, ``v += g̃·x̂_t``, ``dx_t = g̃·r_t − c·u``, ``u += dx_t``.
+    with the sample's per-channel mean m_t and variance s²_t over its values,
+    ``d = m_t − μ``, ``μ += (1 − α_f)·d``, ``σ² = α_f·σ² + (1 − α_f)·s²_t + α_f(1 − α_f)·d²``.
+
+    Returns ``(y, xhat, rstd, (mu, var))``: the output, each step's normalized sample
+    (float64, (N, C, L)) and ``1/sqrt(σ² + eps)`` ((N, C)) for the backward, and the
+    state after the call as float64 (C,) vectors.
+    """
+    N, C = x.shape[:2]
+    x3 = x.reshape(N, C, -1)
+    a = float(alpha_fwd)
+    w = np.asarray(weight, dtype=np.float64)[:, None]
+    b = np.asarray(bias, dtype=np.float64)[:, None]
+    mu = np.array(mu, dtype=np.float64)
+    var = np.array(var, dtype=np.float64)
+    y = np.empty_like(x3)
+    xhat = np.empty(x3.shape)
+    rstd = np.empty((N, C))
+    for t in range(N):
+        r = 1 / np.sqrt(var + eps)
+        h = (x3[t] - mu[:, None]) * r[:, None]
+        y[t] = h * w + b
+        xhat[t] = h
+        rstd[t] = r
+        m = x3[t].mean(axis=1, dtype=np.float64)
+        d = m - mu
+        mu += (1 - a) * d
+        var *= a
+        var += (1 - a) * x3[t].var(axis=1, dtype=np.float64) + (a * (1 - a)) * (d * d)
+    return y.reshape(x.shape), xhat, rstd, (mu, var)
+
+
+def numpy_online_norm_fb(x, dy, mu, var, u, v, weight, bias, *, alpha_fwd=0.999, alpha_bkw=0.99, eps=1e-5):
+    """OnlineNorm train forward (:func:`numpy_online_norm`) and backward on (N, C, *S).
+
+    The backward runs the control recurrences in the forward's order, with
+    ``c = 1 − α_b`` and ``⟨·⟩`` the mean over a sample's values of a channel:
+    ``g̃ = dy_t·γ − c·v·x̂_t``, ``v += ⟨g̃·x̂_t⟩``, ``dx_t = g̃·r_t − c·u``, ``u += ⟨dx_t⟩``.
 
     Returns ``(y, dx, dweight, dbias, (mu, var, u, v))``, the state after the call as
     float64 (C,) vectors.
     """
-    N, C = x.shape
-    a = float(alpha_fwd)
+    y, xhat, rstd, (mu, var) = numpy_online_norm(x, mu, var, weight, bias, alpha_fwd=alpha_fwd, eps=eps)
+    N, C, L = xhat.shape
     cb = 1.0 - float(alpha_bkw)
-    w = np.asarray(weight, dtype=np.float64)
-    b = np.asarray(bias, dtype=np.float64)
-    mu = np.array(mu, dtype=np.float64)
-    var = np.array(var, dtype=np.float64)
     u = np.array(u, dtype=np.float64)
     v = np.array(v, dtype=np.float64)
-    y = np.empty_like(x)
-    xhat = np.empty((N, C))
-    rstd = np.empty((N, C))
-    for t in range(N):
-        r = 1 / np.sqrt(var + eps)
-        d = x[t] - mu
-        h = d * r
-        y[t] = h * w + b
-        xhat[t] = h
-        rstd[t] = r
-        mu += (1 - a) * d
-        var *= a
-        var += (a * (1 - a)) * (d * d)
-    dweight = np.einsum("nc,nc->c", dy, xhat)
-    dbias = dy.sum(axis=0, dtype=np.float64)
-    g = dy * w
-    dx = np.empty(x.shape, dtype=np.result_type(x, dy))
+    dy3 = dy.reshape(N, C, L)
+    dweight = np.einsum("ncl,ncl->c", dy3, xhat)
+    dbias = dy3.sum(axis=(0, 2), dtype=np.float64)
+    g = dy3 * np.asarray(weight, dtype=np.float64)[:, None]
+    dx = np.empty(dy3.shape, dtype=np.result_type(x, dy))
     for t in range(N):
         h = xhat[t]
-        gt = g[t] - cb * v * h
-        v += gt * h
-        dt = gt * rstd[t] - cb * u
+        gt = g[t] - (cb * v)[:, None] * h
+        v += (gt * h).mean(axis=1)
+        dt = gt * rstd[t][:, None] - (cb * u)[:, None]
         dx[t] = dt
-        u += dt
-    return y, dx, dweight, dbias, (mu, var, u, v)
+        u += dt.mean(axis=1)
+    return y, dx.reshape(dy.shape), dweight, dbias, (mu, var, u, v)
 
 
 # ---------------------------------------------------------------------------
@@ -457,7 +475,8 @@ def build_cases(size_mib: int, dtype=np.float32, seed: int = 0) -> list[Case]:
 
     Pass counts (docs/math.rst): BatchNorm train forward 3, eval forward 2, train
     forward+backward 3 + 5; LayerNorm, RMSNorm and GroupNorm forward 2 and
-    forward+backward 2 + 3; moments update 1; OnlineNorm forward+backward 2 + 3.
+    forward+backward 2 + 3; moments update 1; OnlineNorm forward 2, forward+backward
+    2 + 3.
     """
     rng = np.random.default_rng(seed)
     torch = _torch()
@@ -537,8 +556,10 @@ def build_cases(size_mib: int, dtype=np.float32, seed: int = 0) -> list[Case]:
         numpy_fwd=lambda a: numpy_rms_norm(a, rms.params["weight"], rms.eps),
         numpy_fb=lambda a, g: numpy_rms_norm_fb(a, g, rms.params["weight"], rms.eps),
     )
+    maps = []
     if nchw[0] >= 1:
         xg, dyg = x.reshape(-1)[:n_map].reshape(nchw), dy.reshape(-1)[:n_map].reshape(nchw)
+        maps.append((xg, dyg))
         gn = sn.GroupNorm(32, 64)
         cases += _layer_cases(
             "GroupNorm (32 groups)", gn, lambda dt: torch.nn.GroupNorm(32, 64).to(dt), xg, dyg, dname, torch,
@@ -546,26 +567,48 @@ def build_cases(size_mib: int, dtype=np.float32, seed: int = 0) -> list[Case]:
             numpy_fb=lambda a, g: numpy_group_norm_fb(a, g, 32, gn.params["weight"], gn.params["bias"], gn.eps),
         )
 
-    # ---- OnlineNorm on (N, C) = (4096, 256): time is the batch axis
-    xo, dyo = data((4096, 256)), data((4096, 256))
-    on = sn.OnlineNorm(256)
+    # ---- OnlineNorm (time is the batch axis) on the feature maps, where each sample's
+    # values of a channel are normalized together, and on (N, C) with wide rows
+    Cw = 16384
+    if x.size >= 2 * Cw:
+        nw = x.size // Cw * Cw
+        maps.append((x.reshape(-1)[:nw].reshape(-1, Cw), dy.reshape(-1)[:nw].reshape(-1, Cw)))
+    for xo, dyo in maps:
+        cases += _online_cases(sn.OnlineNorm(xo.shape[1]), xo, dyo, dname)
+    return cases
 
-    def on_fb():
+
+def _online_cases(on, xo, dyo, dname) -> list[Case]:
+    """OnlineNorm train forward and forward+backward rows on ``xo``, with the NumPy loop
+    over time as the peer.  Each call starts from the state the layer carries."""
+    per = (xo.shape[0] * xo.shape[1], "channel-samples") if xo.ndim == 2 else None
+
+    def fwd():
+        return on(xo)
+
+    def fb():
         on(xo)
         return on.backward(dyo)
 
-    def numpy_on_fb():
+    def state():
         s = on.buffers
+        return dict(mu=s["mu"], var=s["var"], weight=on.params["weight"], bias=on.params["bias"])
+
+    def numpy_fwd():
+        st = state()
+        return numpy_online_norm(xo, st["mu"], st["var"], st["weight"], st["bias"], alpha_fwd=on.alpha_fwd, eps=on.eps)
+
+    def numpy_fb():
+        st, s = state(), on.buffers
         return numpy_online_norm_fb(
-            xo, dyo, s["mu"], s["var"], s["u"], s["v"], on.params["weight"], on.params["bias"],
+            xo, dyo, st["mu"], st["var"], s["u"], s["v"], st["weight"], st["bias"],
             alpha_fwd=on.alpha_fwd, alpha_bkw=on.alpha_bkw, eps=on.eps,
         )
 
-    cases.append(
-        Case("OnlineNorm forward+backward", xo.shape, dname, xo.nbytes, 5, on_fb, {"NumPy": numpy_on_fb},
-             per_second=(xo.size, "channel-samples"))
-    )
-    return cases
+    return [
+        Case("OnlineNorm forward", xo.shape, dname, xo.nbytes, 2, fwd, {"NumPy": numpy_fwd}, per_second=per),
+        Case("OnlineNorm forward+backward", xo.shape, dname, xo.nbytes, 5, fb, {"NumPy": numpy_fb}, per_second=per),
+    ]
 
 
 def select_cases(cases: list[Case], ops: str | None) -> list[Case]:

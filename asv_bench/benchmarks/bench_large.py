@@ -1,4 +1,5 @@
-"""Inputs of 256 MiB: BatchNorm train forward and LayerNorm forward (float32).
+"""Inputs of 256 MiB: BatchNorm train forward, LayerNorm forward and OnlineNorm train
+forward (float32).
 
 The sizes of ``python -m streamnorm bench`` and of the measured table in
 docs/benchmarks.rst, far larger than any cache.  Each case takes a few seconds to set
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from streamnorm import BatchNorm, LayerNorm
+from streamnorm import BatchNorm, LayerNorm, OnlineNorm
 
 from .common import SMALL, save_normal, set_affine
 
@@ -72,3 +73,16 @@ class LayerNormForwardLarge(_Large):
 
     def new_layer(self, shape):
         return set_affine(LayerNorm(shape[-1]), seed=5)
+
+
+class OnlineNormForwardTrainLarge(_Large):
+    """OnlineNorm train forward of an ``(N, C, H, W)`` feature map, sample after sample
+    (as bench_online.py, 256 MiB)."""
+
+    params = [[BN_SHAPE]]
+
+    def setup_cache(self):
+        return save_normal("onlinenorm_large.npy", BN_SHAPE, DTYPE, loc=0.5, scale=2.0)
+
+    def new_layer(self, shape):
+        return set_affine(OnlineNorm(shape[1]), seed=7)
