@@ -860,17 +860,61 @@ def _inv_sqrt(s, approx):
     return 1.0 / np.sqrt(s)
 
 
+@njit(inline="always", **_JIT)
+def _out_of_rsqrt_range(s):
+    return (s < _RSQRT_LO) | (s > _RSQRT_HI)
+
+
+#: channels a thread must own for the (N, C) kernels to take several samples per sweep:
+#: below it the helpers' call and alias checks cost more than the saved state traffic
+_ONLINE_WIDE = 1024
+
+
+@njit(inline="always", **_JIT)
+def _online_fwd_step(xv, m, v, w, b, a, eps, approx):
+    """One sample of one channel (L = 1): (output, new μ, new σ²)."""
+    y = (xv - m) * (w * _inv_sqrt(v + eps, approx)) + b
+    d = xv - m
+    return y, m + (1.0 - a) * d, a * v + a * (1.0 - a) * d * d
+
+
+@njit(**_JIT)
+def _online_fwd_rows4(x0, x1, x2, x3, o0, o1, o2, o3, m_, v_, w_, b_, a, eps, approx):
+    """Four consecutive samples over a block of channels, the state held in registers
+    in between: it is read and written once for four samples.  Returns True when some
+    ``var + eps`` left the float32 start's range (:func:`_inv_sqrt`)."""
+    bad = False
+    for c in range(m_.shape[0]):
+        w = w_[c]
+        b = b_[c]
+        m = m_[c]
+        v = v_[c]
+        bad |= _out_of_rsqrt_range(v + eps)
+        o0[c], m, v = _online_fwd_step(np.float64(x0[c]), m, v, w, b, a, eps, approx)
+        bad |= _out_of_rsqrt_range(v + eps)
+        o1[c], m, v = _online_fwd_step(np.float64(x1[c]), m, v, w, b, a, eps, approx)
+        bad |= _out_of_rsqrt_range(v + eps)
+        o2[c], m, v = _online_fwd_step(np.float64(x2[c]), m, v, w, b, a, eps, approx)
+        bad |= _out_of_rsqrt_range(v + eps)
+        o3[c], m, v = _online_fwd_step(np.float64(x3[c]), m, v, w, b, a, eps, approx)
+        m_[c] = m
+        v_[c] = v
+    return bad
+
+
 @njit(parallel=True, **_JIT)
 def online_fwd_cols(x, mu, var, alpha_f, eps, weight, bias, out, nthreads, approx):
     """:func:`online_fwd` for (N, C) input (L = 1: s²_t = 0), vectorized over channels.
 
     Each thread owns a contiguous block of channels and walks time in order, carrying
     its block's state in arrays of its own (written back at the end), so that no cache
-    line of state is written by two threads.  Inner loops index slices from 0 (numba's
-    negative-index wraparound check would otherwise stop LLVM from vectorizing them).
-    With ``approx`` (float32 data) the scale comes from :func:`_inv_sqrt`'s refined
-    float32 start.  Returns False when some ``var + eps`` left that path's range; the
-    results are then not to be used (the caller reruns without ``approx``).
+    line of state is written by two threads, and taking four samples per sweep of the
+    block so that the state is read and written once for four.  With ``approx``
+    (float32 data) the scale comes from :func:`_inv_sqrt`'s refined float32 start.
+    Returns False when some ``var + eps`` left that path's range; the results are then
+    not to be used (the caller reruns without ``approx``).  The helpers take row
+    slices indexed from 0 (numba's negative-index wraparound check would otherwise stop
+    LLVM from vectorizing them).
     """
     N, C = x.shape
     a = alpha_f
@@ -882,30 +926,69 @@ def online_fwd_cols(x, mu, var, alpha_f, eps, weight, bias, out, nthreads, appro
         w_ = weight[c0:c1]
         b_ = bias[c0:c1]
         bad = False
-        for n in range(N):
-            xr = x[n, c0:c1]
-            orow = out[n, c0:c1]
+        n = 0
+        while n + 4 <= N and c1 - c0 >= _ONLINE_WIDE:
+            bad |= _online_fwd_rows4(
+                x[n, c0:c1], x[n + 1, c0:c1], x[n + 2, c0:c1], x[n + 3, c0:c1],
+                out[n, c0:c1], out[n + 1, c0:c1], out[n + 2, c0:c1], out[n + 3, c0:c1],
+                m_, v_, w_, b_, a, eps, approx,
+            )
+            n += 4
+        for n1 in range(n, N):
+            xr = x[n1, c0:c1]
+            orow = out[n1, c0:c1]
             for c in range(c1 - c0):
                 m = m_[c]
                 v = v_[c]
-                s = v + eps
-                bad |= (s < _RSQRT_LO) | (s > _RSQRT_HI)
-                xv = np.float64(xr[c])
-                orow[c] = (xv - m) * (w_[c] * _inv_sqrt(s, approx)) + b_[c]
-                d = xv - m
-                m_[c] = m + (1.0 - a) * d
-                v_[c] = a * v + a * (1.0 - a) * d * d
+                bad |= _out_of_rsqrt_range(v + eps)
+                y, m, v = _online_fwd_step(np.float64(xr[c]), m, v, w_[c], b_[c], a, eps, approx)
+                orow[c] = y
+                m_[c] = m
+                v_[c] = v
         mu[c0:c1] = m_
         var[c0:c1] = v_
         ok[t] = not (approx and bad)
     return ok.all()
 
 
+@njit(inline="always", **_JIT)
+def _online_bwd_step(xv, go, m, vv, u, vc, w, dw, db, a, cb, eps, approx):
+    """One sample of one channel (L = 1, train mode): (dx, μ, σ², u, v, Σdz·y, Σdz) after it."""
+    inv = _inv_sqrt(vv + eps, approx)
+    y = (xv - m) * inv
+    gt = go * w - cb * vc * y
+    d = gt * inv - cb * u
+    dd = xv - m
+    return (d, m + (1.0 - a) * dd, a * vv + a * (1.0 - a) * dd * dd, u + d, vc + gt * y,
+            dw + go * y, db + go)
+
+
+@njit(**_JIT)
+def _online_bwd_rows2(x0, x1, g0, g1, d0, d1, m_, v_, u_, vc_, w_, dw_, db_, a, cb, eps, approx):
+    """Two consecutive samples over a block of channels, the state held in registers in
+    between (with more rows at once LLVM no longer vectorizes the loop)."""
+    bad = False
+    for c in range(m_.shape[0]):
+        w = w_[c]
+        m, vv, u, vc, dw, db = m_[c], v_[c], u_[c], vc_[c], dw_[c], db_[c]
+        bad |= _out_of_rsqrt_range(vv + eps)
+        d0[c], m, vv, u, vc, dw, db = _online_bwd_step(
+            np.float64(x0[c]), np.float64(g0[c]), m, vv, u, vc, w, dw, db, a, cb, eps, approx
+        )
+        bad |= _out_of_rsqrt_range(vv + eps)
+        d1[c], m, vv, u, vc, dw, db = _online_bwd_step(
+            np.float64(x1[c]), np.float64(g1[c]), m, vv, u, vc, w, dw, db, a, cb, eps, approx
+        )
+        m_[c], v_[c], u_[c], vc_[c], dw_[c], db_[c] = m, vv, u, vc, dw, db
+    return bad
+
+
 @njit(parallel=True, **_JIT)
 def online_bwd_cols(dout, x, mu, var, u, v, alpha_f, alpha_b, eps, weight, update, dx, nthreads, approx):
     """:func:`online_bwd` for (N, C) input (L = 1), vectorized over channels, each
-    thread carrying its channels' state in arrays of its own.  ``approx`` and the
-    result's last item (False: rerun without ``approx``) as in :func:`online_fwd_cols`."""
+    thread carrying its channels' state in arrays of its own, two samples per sweep.
+    ``approx`` and the result's last item (False: rerun without ``approx``) as in
+    :func:`online_fwd_cols`."""
     N, C = x.shape
     a = alpha_f
     cb = 1.0 - alpha_b
@@ -922,31 +1005,31 @@ def online_bwd_cols(dout, x, mu, var, u, v, alpha_f, alpha_b, eps, weight, updat
         dw_ = np.zeros(c1 - c0)
         db_ = np.zeros(c1 - c0)
         bad = False
-        for n in range(N):
-            xr = x[n, c0:c1]
-            gr = dout[n, c0:c1]
-            dr = dx[n, c0:c1]
-            if update:
+        if update:
+            n = 0
+            while n + 2 <= N and c1 - c0 >= _ONLINE_WIDE:
+                bad |= _online_bwd_rows2(
+                    x[n, c0:c1], x[n + 1, c0:c1], dout[n, c0:c1], dout[n + 1, c0:c1], dx[n, c0:c1], dx[n + 1, c0:c1],
+                    m_, v_, u_, vc_, w_, dw_, db_, a, cb, eps, approx,
+                )
+                n += 2
+            for n1 in range(n, N):
+                xr = x[n1, c0:c1]
+                gr = dout[n1, c0:c1]
+                dr = dx[n1, c0:c1]
                 for c in range(c1 - c0):
-                    m = m_[c]
-                    vv = v_[c]
-                    s = vv + eps
-                    bad |= (s < _RSQRT_LO) | (s > _RSQRT_HI)
-                    inv = _inv_sqrt(s, approx)
-                    xv = np.float64(xr[c])
-                    y = (xv - m) * inv
-                    go = np.float64(gr[c])
-                    dw_[c] += go * y
-                    db_[c] += go
-                    gt = go * w_[c] - cb * vc_[c] * y
-                    vc_[c] += gt * y
-                    d = gt * inv - cb * u_[c]
+                    m, vv, uc, vc, sw, sb = m_[c], v_[c], u_[c], vc_[c], dw_[c], db_[c]
+                    bad |= _out_of_rsqrt_range(vv + eps)
+                    d, m, vv, uc, vc, sw, sb = _online_bwd_step(
+                        np.float64(xr[c]), np.float64(gr[c]), m, vv, uc, vc, w_[c], sw, sb, a, cb, eps, approx
+                    )
                     dr[c] = d
-                    u_[c] += d
-                    dd = xv - m
-                    m_[c] = m + (1.0 - a) * dd
-                    v_[c] = a * vv + a * (1.0 - a) * dd * dd
-            else:
+                    m_[c], v_[c], u_[c], vc_[c], dw_[c], db_[c] = m, vv, uc, vc, sw, sb
+        else:
+            for n in range(N):
+                xr = x[n, c0:c1]
+                gr = dout[n, c0:c1]
+                dr = dx[n, c0:c1]
                 for c in range(c1 - c0):
                     inv = 1.0 / np.sqrt(v_[c] + eps)
                     y = (xr[c] - m_[c]) * inv
