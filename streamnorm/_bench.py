@@ -627,6 +627,11 @@ def run_case(case: Case, bandwidth: float, repeat: int, probe: CopyProbe | None 
     """Time ours and every peer, interleaved repeat by repeat (so that a slow spell of a
     shared machine hits all of them alike), and report medians.
 
+    Each round starts one place further along the list (ours, then each peer), so
+    that no function always runs right after the same one: whatever a call leaves
+    behind (freed memory the system is still reclaiming, cold caches) falls on every
+    function in turn.
+
     ``bandwidth`` is the run's copy bandwidth in bytes per second.  With a ``probe``,
     the copy is also timed in every round, right after ours; the bound then uses the
     higher of the two bandwidths, so that a slow copy never flatters a kernel, and the
@@ -639,11 +644,14 @@ def run_case(case: Case, bandwidth: float, repeat: int, probe: CopyProbe | None 
     for fn in fns.values():
         fn()  # warm-up: compilation, page faults, allocator
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeat):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
+    # ours and the copy stay together; the units rotate from round to round
+    units = [[k for k in ("ours", "copy") if k in fns]] + [[k] for k in case.peers]
+    for r in range(repeat):
+        for unit in units[r % len(units) :] + units[: r % len(units)]:
+            for k in unit:
+                t0 = time.perf_counter()
+                fns[k]()
+                times[k].append(time.perf_counter() - t0)
     t = statistics.median(times["ours"])
     row_bandwidth = bandwidth
     if probe is not None:

@@ -109,6 +109,28 @@ def test_feature_maps_have_two_samples_at_small_sizes():
     assert B._feature_map_shape(256 * B.MiB // 4) == (64, 64, 128, 128)
 
 
+def test_rounds_rotate_so_that_ours_does_not_always_follow_the_same_peer():
+    calls = []
+
+    class Probe(B.CopyProbe):
+        def __init__(self):
+            self.nbytes = 2 * B.MiB
+
+        def __call__(self):
+            calls.append("copy")
+
+    case = B.Case("op", (2, 2), "float32", 16, 1, lambda: calls.append("ours"),
+                  {"NumPy": lambda: calls.append("NumPy"), "PyTorch": lambda: calls.append("PyTorch")})
+    row = B.run_case(case, 1e9, 3, Probe())
+    rounds = [calls[i : i + 4] for i in range(4, 16, 4)]  # after the warm-up calls
+    assert rounds == [
+        ["ours", "copy", "NumPy", "PyTorch"],
+        ["NumPy", "PyTorch", "ours", "copy"],
+        ["PyTorch", "ours", "copy", "NumPy"],
+    ]
+    assert set(row.peers_ms) == {"NumPy", "PyTorch"}
+
+
 def test_table_puts_numpy_first():
     row = B.Row("op", "2×2", "float32", 1, 1.0, 1.0, 0.5, {"scikit-learn": 3.0, "PyTorch": 2.0, "NumPy": 4.0},
                 {"scikit-learn": 3.0, "PyTorch": 2.0, "NumPy": 4.0})
