@@ -590,18 +590,14 @@ def _online_cases(on, xo, dyo, dname) -> list[Case]:
         on(xo)
         return on.backward(dyo)
 
-    def state():
-        s = on.buffers
-        return dict(mu=s["mu"], var=s["var"], weight=on.params["weight"], bias=on.params["bias"])
-
     def numpy_fwd():
-        st = state()
-        return numpy_online_norm(xo, st["mu"], st["var"], st["weight"], st["bias"], alpha_fwd=on.alpha_fwd, eps=on.eps)
+        s, p = on.buffers, on.params
+        return numpy_online_norm(xo, s["mu"], s["var"], p["weight"], p["bias"], alpha_fwd=on.alpha_fwd, eps=on.eps)
 
     def numpy_fb():
-        st, s = state(), on.buffers
+        s, p = on.buffers, on.params
         return numpy_online_norm_fb(
-            xo, dyo, st["mu"], st["var"], s["u"], s["v"], st["weight"], st["bias"],
+            xo, dyo, s["mu"], s["var"], s["u"], s["v"], p["weight"], p["bias"],
             alpha_fwd=on.alpha_fwd, alpha_bkw=on.alpha_bkw, eps=on.eps,
         )
 

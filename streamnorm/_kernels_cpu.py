@@ -724,14 +724,19 @@ def groupnorm_bwd(dy, x, weight, G, mean, rstd, dx, nthreads):
 # ---------------------------------------------------------------------------
 
 
-@njit(**_JIT)
-def _sample_moments(xr):
-    """Per-sample (mean, biased variance) of one channel's L values."""
-    L = xr.shape[0]
-    if L == 1:
-        return np.float64(xr[0]), 0.0
-    mu, m2 = _row_moments(xr)
-    return mu, m2 / L
+@njit(inline="always", **_JIT)
+def _online_advance(m, v, mt, st, a):
+    """The carried (μ, σ²) after a sample of mean ``mt`` and biased variance ``st``:
+    ``δ = mt - μ``, ``μ + (1 - α)δ``, ``α σ² + (1 - α) st + α(1 - α) δ²``."""
+    d = mt - m
+    return m + (1.0 - a) * d, a * v + (1.0 - a) * st + a * (1.0 - a) * d * d
+
+
+@njit(inline="always", **_JIT)
+def _online_advance1(m, v, xv, a):
+    """:func:`_online_advance` for a sample of one value (st = 0, its term left out)."""
+    d = xv - m
+    return m + (1.0 - a) * d, a * v + a * (1.0 - a) * d * d
 
 
 @njit(parallel=True, **_JIT)
@@ -743,23 +748,19 @@ def online_fwd(x, mu, var, alpha_f, eps, weight, bias, out, nthreads):
     ``δ = m_t - μ``, ``μ += (1 - α)δ``, ``σ² = α σ² + (1 - α) s²_t + α(1 - α) δ²``.
     """
     N, C, L = x.shape
-    a = alpha_f
     for t in prange(nthreads):
         c0, c1 = _span(t, C, nthreads)
         for n in range(N):
             for c in range(c0, c1):
                 m = mu[c]
-                scale = np.sqrt(var[c] + eps)
-                k = weight[c] / scale
+                k = weight[c] / np.sqrt(var[c] + eps)
                 b = bias[c]
                 xr = x[n, c]
                 orow = out[n, c]
                 for j in range(L):
                     orow[j] = (xr[j] - m) * k + b
-                mt, st = _sample_moments(xr)
-                d = mt - m
-                mu[c] = m + (1.0 - a) * d
-                var[c] = a * var[c] + (1.0 - a) * st + a * (1.0 - a) * d * d
+                mt, m2 = _row_moments(xr)
+                mu[c], var[c] = _online_advance(m, var[c], mt, m2 / L, alpha_f)
 
 
 @njit(**_JIT)
@@ -796,7 +797,6 @@ def online_bwd(dout, x, mu, var, u, v, alpha_f, alpha_b, eps, weight, update, dx
     ``⟨dx⟩`` are linear in them.
     """
     N, C, L = x.shape
-    a = alpha_f
     cb = 1.0 - alpha_b
     dw = np.zeros(C)
     db = np.zeros(C)
@@ -825,8 +825,7 @@ def online_bwd(dout, x, mu, var, u, v, alpha_f, alpha_b, eps, weight, update, dx
                     _online_dx(gr, xr, m, k1, k2, k3, dr)
                     v[c] = vc + (w * sgy - cb * vc * syy) / L
                     u[c] = uc + (k1 * sg - k2 * (L * e) - L * k3) / L
-                    mu[c] = m + (1.0 - a) * e
-                    var[c] = a * var[c] + (1.0 - a) * (m2 / L) + a * (1.0 - a) * e * e
+                    mu[c], var[c] = _online_advance(m, var[c], mt, m2 / L, alpha_f)
                 else:  # eval mode froze the state
                     sg, sgm = _row_sum2(gr, xr, m)
                     sgy = sgm * inv
@@ -852,7 +851,7 @@ def _inv_sqrt(s, approx):
     1.5·(2^-22)² + a few float64 roundings, about 2^-42.  That is far below a float32
     output's half ulp (2^-24), and float32's square root and division run several
     times faster than float64's.  Valid for s in [_RSQRT_LO, _RSQRT_HI]: callers
-    check and recompute exactly outside.
+    check (:func:`_out_of_rsqrt_range`) and recompute exactly outside.
     """
     if approx:
         r = np.float64(np.float32(1.0) / np.sqrt(np.float32(s)))
@@ -874,8 +873,8 @@ _ONLINE_WIDE = 1024
 def _online_fwd_step(xv, m, v, w, b, a, eps, approx):
     """One sample of one channel (L = 1): (output, new μ, new σ²)."""
     y = (xv - m) * (w * _inv_sqrt(v + eps, approx)) + b
-    d = xv - m
-    return y, m + (1.0 - a) * d, a * v + a * (1.0 - a) * d * d
+    m1, v1 = _online_advance1(m, v, xv, a)
+    return y, m1, v1
 
 
 @njit(**_JIT)
@@ -902,53 +901,62 @@ def _online_fwd_rows4(x0, x1, x2, x3, o0, o1, o2, o3, m_, v_, w_, b_, a, eps, ap
     return bad
 
 
+@njit(**_JIT)
+def _online_fwd_block(x, out, m_, v_, w_, b_, c0, a, eps, approx):
+    """All samples of the channels ``c0 + [0, len(m_))``, advancing the block's state
+    ``m_``, ``v_`` in place; returns as :func:`_online_fwd_rows4`."""
+    N = x.shape[0]
+    c1 = c0 + m_.shape[0]
+    bad = False
+    n = 0
+    while n + 4 <= N and c1 - c0 >= _ONLINE_WIDE:
+        bad |= _online_fwd_rows4(
+            x[n, c0:c1], x[n + 1, c0:c1], x[n + 2, c0:c1], x[n + 3, c0:c1],
+            out[n, c0:c1], out[n + 1, c0:c1], out[n + 2, c0:c1], out[n + 3, c0:c1],
+            m_, v_, w_, b_, a, eps, approx,
+        )
+        n += 4
+    for n1 in range(n, N):
+        xr = x[n1, c0:c1]
+        orow = out[n1, c0:c1]
+        for c in range(c1 - c0):
+            m = m_[c]
+            v = v_[c]
+            bad |= _out_of_rsqrt_range(v + eps)
+            y, m, v = _online_fwd_step(np.float64(xr[c]), m, v, w_[c], b_[c], a, eps, approx)
+            orow[c] = y
+            m_[c] = m
+            v_[c] = v
+    return bad
+
+
 @njit(parallel=True, **_JIT)
 def online_fwd_cols(x, mu, var, alpha_f, eps, weight, bias, out, nthreads, approx):
     """:func:`online_fwd` for (N, C) input (L = 1: s²_t = 0), vectorized over channels.
 
     Each thread owns a contiguous block of channels and walks time in order, carrying
     its block's state in arrays of its own (written back at the end), so that no cache
-    line of state is written by two threads, and taking four samples per sweep of the
-    block so that the state is read and written once for four.  With ``approx``
-    (float32 data) the scale comes from :func:`_inv_sqrt`'s refined float32 start.
-    Returns False when some ``var + eps`` left that path's range; the results are then
-    not to be used (the caller reruns without ``approx``).  The helpers take row
-    slices indexed from 0 (numba's negative-index wraparound check would otherwise stop
-    LLVM from vectorizing them).
+    line of state is written by two threads, and taking four samples per sweep of a
+    wide block so that the state is read and written once for four.  With ``approx``
+    (float32 data) the scale comes from :func:`_inv_sqrt`'s refined float32 start; a
+    thread whose block met a ``var + eps`` outside that start's range recomputes the
+    block from its start state with the exact scale.  The helpers take row slices
+    indexed from 0 (numba's negative-index wraparound check would otherwise stop LLVM
+    from vectorizing them).
     """
-    N, C = x.shape
-    a = alpha_f
-    ok = np.ones(nthreads, dtype=np.bool_)
+    C = x.shape[1]
     for t in prange(nthreads):
         c0, c1 = _span(t, C, nthreads)
         m_ = mu[c0:c1].copy()
         v_ = var[c0:c1].copy()
         w_ = weight[c0:c1]
         b_ = bias[c0:c1]
-        bad = False
-        n = 0
-        while n + 4 <= N and c1 - c0 >= _ONLINE_WIDE:
-            bad |= _online_fwd_rows4(
-                x[n, c0:c1], x[n + 1, c0:c1], x[n + 2, c0:c1], x[n + 3, c0:c1],
-                out[n, c0:c1], out[n + 1, c0:c1], out[n + 2, c0:c1], out[n + 3, c0:c1],
-                m_, v_, w_, b_, a, eps, approx,
-            )
-            n += 4
-        for n1 in range(n, N):
-            xr = x[n1, c0:c1]
-            orow = out[n1, c0:c1]
-            for c in range(c1 - c0):
-                m = m_[c]
-                v = v_[c]
-                bad |= _out_of_rsqrt_range(v + eps)
-                y, m, v = _online_fwd_step(np.float64(xr[c]), m, v, w_[c], b_[c], a, eps, approx)
-                orow[c] = y
-                m_[c] = m
-                v_[c] = v
+        if _online_fwd_block(x, out, m_, v_, w_, b_, c0, alpha_f, eps, approx) and approx:
+            m_[:] = mu[c0:c1]
+            v_[:] = var[c0:c1]
+            _online_fwd_block(x, out, m_, v_, w_, b_, c0, alpha_f, eps, False)
         mu[c0:c1] = m_
         var[c0:c1] = v_
-        ok[t] = not (approx and bad)
-    return ok.all()
 
 
 @njit(inline="always", **_JIT)
@@ -958,9 +966,8 @@ def _online_bwd_step(xv, go, m, vv, u, vc, w, dw, db, a, cb, eps, approx):
     y = (xv - m) * inv
     gt = go * w - cb * vc * y
     d = gt * inv - cb * u
-    dd = xv - m
-    return (d, m + (1.0 - a) * dd, a * vv + a * (1.0 - a) * dd * dd, u + d, vc + gt * y,
-            dw + go * y, db + go)
+    m1, v1 = _online_advance1(m, vv, xv, a)
+    return d, m1, v1, u + d, vc + gt * y, dw + go * y, db + go
 
 
 @njit(**_JIT)
@@ -983,18 +990,44 @@ def _online_bwd_rows2(x0, x1, g0, g1, d0, d1, m_, v_, u_, vc_, w_, dw_, db_, a, 
     return bad
 
 
+@njit(**_JIT)
+def _online_bwd_block(dout, x, dx, m_, v_, u_, vc_, w_, dw_, db_, c0, a, cb, eps, approx):
+    """Train-mode backward over all samples of the channels ``c0 + [0, len(m_))``,
+    advancing the block's state and sums in place; returns as :func:`_online_fwd_rows4`."""
+    N = x.shape[0]
+    c1 = c0 + m_.shape[0]
+    bad = False
+    n = 0
+    while n + 2 <= N and c1 - c0 >= _ONLINE_WIDE:
+        bad |= _online_bwd_rows2(
+            x[n, c0:c1], x[n + 1, c0:c1], dout[n, c0:c1], dout[n + 1, c0:c1], dx[n, c0:c1], dx[n + 1, c0:c1],
+            m_, v_, u_, vc_, w_, dw_, db_, a, cb, eps, approx,
+        )
+        n += 2
+    for n1 in range(n, N):
+        xr = x[n1, c0:c1]
+        gr = dout[n1, c0:c1]
+        dr = dx[n1, c0:c1]
+        for c in range(c1 - c0):
+            m, vv, uc, vc, sw, sb = m_[c], v_[c], u_[c], vc_[c], dw_[c], db_[c]
+            bad |= _out_of_rsqrt_range(vv + eps)
+            d, m, vv, uc, vc, sw, sb = _online_bwd_step(
+                np.float64(xr[c]), np.float64(gr[c]), m, vv, uc, vc, w_[c], sw, sb, a, cb, eps, approx
+            )
+            dr[c] = d
+            m_[c], v_[c], u_[c], vc_[c], dw_[c], db_[c] = m, vv, uc, vc, sw, sb
+    return bad
+
+
 @njit(parallel=True, **_JIT)
 def online_bwd_cols(dout, x, mu, var, u, v, alpha_f, alpha_b, eps, weight, update, dx, nthreads, approx):
     """:func:`online_bwd` for (N, C) input (L = 1), vectorized over channels, each
-    thread carrying its channels' state in arrays of its own, two samples per sweep.
-    ``approx`` and the result's last item (False: rerun without ``approx``) as in
-    :func:`online_fwd_cols`."""
+    thread carrying its channels' state in arrays of its own, two samples per sweep of
+    a wide block.  ``approx`` and the exact recomputation as in :func:`online_fwd_cols`."""
     N, C = x.shape
-    a = alpha_f
     cb = 1.0 - alpha_b
     dw = np.zeros(C)
     db = np.zeros(C)
-    ok = np.ones(nthreads, dtype=np.bool_)
     for t in prange(nthreads):
         c0, c1 = _span(t, C, nthreads)
         m_ = mu[c0:c1].copy()
@@ -1004,27 +1037,15 @@ def online_bwd_cols(dout, x, mu, var, u, v, alpha_f, alpha_b, eps, weight, updat
         w_ = weight[c0:c1]
         dw_ = np.zeros(c1 - c0)
         db_ = np.zeros(c1 - c0)
-        bad = False
         if update:
-            n = 0
-            while n + 2 <= N and c1 - c0 >= _ONLINE_WIDE:
-                bad |= _online_bwd_rows2(
-                    x[n, c0:c1], x[n + 1, c0:c1], dout[n, c0:c1], dout[n + 1, c0:c1], dx[n, c0:c1], dx[n + 1, c0:c1],
-                    m_, v_, u_, vc_, w_, dw_, db_, a, cb, eps, approx,
-                )
-                n += 2
-            for n1 in range(n, N):
-                xr = x[n1, c0:c1]
-                gr = dout[n1, c0:c1]
-                dr = dx[n1, c0:c1]
-                for c in range(c1 - c0):
-                    m, vv, uc, vc, sw, sb = m_[c], v_[c], u_[c], vc_[c], dw_[c], db_[c]
-                    bad |= _out_of_rsqrt_range(vv + eps)
-                    d, m, vv, uc, vc, sw, sb = _online_bwd_step(
-                        np.float64(xr[c]), np.float64(gr[c]), m, vv, uc, vc, w_[c], sw, sb, a, cb, eps, approx
-                    )
-                    dr[c] = d
-                    m_[c], v_[c], u_[c], vc_[c], dw_[c], db_[c] = m, vv, uc, vc, sw, sb
+            if _online_bwd_block(dout, x, dx, m_, v_, u_, vc_, w_, dw_, db_, c0, alpha_f, cb, eps, approx) and approx:
+                m_[:] = mu[c0:c1]
+                v_[:] = var[c0:c1]
+                u_[:] = u[c0:c1]
+                vc_[:] = v[c0:c1]
+                dw_[:] = 0.0
+                db_[:] = 0.0
+                _online_bwd_block(dout, x, dx, m_, v_, u_, vc_, w_, dw_, db_, c0, alpha_f, cb, eps, False)
         else:
             for n in range(N):
                 xr = x[n, c0:c1]
@@ -1044,5 +1065,4 @@ def online_bwd_cols(dout, x, mu, var, u, v, alpha_f, alpha_b, eps, weight, updat
             var[c0:c1] = v_
             u[c0:c1] = u_
             v[c0:c1] = vc_
-        ok[t] = not (approx and bad)
-    return dw, db, ok.all()
+    return dw, db

@@ -1399,10 +1399,10 @@ def online_norm_forward(
     new_mu, new_var = mu0.copy(), var0.copy()
     if x3.size:
         if training and x3.shape[2] == 1:
-            args = (x3[:, :, 0], new_mu, new_var, float(alpha_fwd), eps, wk, bk, y[:, :, 0], _online_threads(x3))
-            if not K.online_fwd_cols(*args, x.dtype == np.float32):
-                new_mu[:], new_var[:] = mu0, var0  # a variance left the float32 start's range
-                K.online_fwd_cols(*args, False)
+            K.online_fwd_cols(
+                x3[:, :, 0], new_mu, new_var, float(alpha_fwd), eps, wk, bk, y[:, :, 0], _online_threads(x3),
+                x.dtype == np.float32,
+            )
         elif training:
             K.online_fwd(x3, new_mu, new_var, float(alpha_fwd), eps, wk, bk, y, _moments.nthreads())
         else:
@@ -1494,14 +1494,11 @@ def online_norm_backward(dy, cache: OnlineNormCache, u, v, *, alpha_bkw: float =
         g = (s * (g - a * (s * s) * m)).astype(g.dtype, copy=False)
     dx = _output(out, dy, x3.shape, _out_dtype(x3, g), (x3, g))
     if x3.size and x3.shape[2] == 1:
-        u0, v0 = new_u.copy(), new_v.copy()
-        args = (g[:, :, 0], x3[:, :, 0], cache.mu0.copy(), cache.var0.copy(), new_u, new_v, cache.alpha_fwd,
-                float(alpha_bkw), cache.eps, cache.weight, cache.training, dx[:, :, 0], _online_threads(x3))
-        dw, db, ok = K.online_bwd_cols(*args, dx.dtype == np.float32)
-        if not ok:  # a variance left the float32 start's range
-            new_u[:], new_v[:] = u0, v0
-            args[2][:], args[3][:] = cache.mu0, cache.var0
-            dw, db, _ = K.online_bwd_cols(*args, False)
+        dw, db = K.online_bwd_cols(
+            g[:, :, 0], x3[:, :, 0], cache.mu0.copy(), cache.var0.copy(), new_u, new_v, cache.alpha_fwd,
+            float(alpha_bkw), cache.eps, cache.weight, cache.training, dx[:, :, 0], _online_threads(x3),
+            dx.dtype == np.float32,
+        )
     elif x3.size:
         dw, db = K.online_bwd(
             g, x3, cache.mu0.copy(), cache.var0.copy(), new_u, new_v, cache.alpha_fwd, float(alpha_bkw),
