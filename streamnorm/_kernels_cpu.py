@@ -13,7 +13,8 @@ Conventions
   be reassociated (LLVM's ``reassoc`` flag), so that they vectorize with accumulators
   in registers; the per-element terms are computed without fast-math flags (see the
   row helpers below).  Column reductions vectorize across columns as written.
-* No other fast-math flag: accuracy of the statistics comes first.
+* The row-norm backward may also fuse a multiply and an add into one FMA (one
+  rounding instead of two).  No other fast-math flag: accuracy comes first.
 """
 
 from __future__ import annotations
@@ -97,11 +98,6 @@ def _t_sqdev(a, k):
 
 
 @njit(**_JIT)
-def _t_prod(g, w):
-    return np.float64(g) * w
-
-
-@njit(**_JIT)
 def _t_proddev(g, w, a, k):
     return (np.float64(g) * w) * (np.float64(a) - k)
 
@@ -122,17 +118,6 @@ def _row_sumsq_dev(v, mu):
     for j in range(v.shape[0]):
         s += _t_sqdev(v[j], mu)
     return s
-
-
-@njit(**_RED)
-def _row_dot2(g, w, x, mu):
-    """(Σ g·w, Σ g·w·(x - mu)) in float64 over contiguous rows g, w, x."""
-    s1 = 0.0
-    s2 = 0.0
-    for j in range(g.shape[0]):
-        s1 += _t_prod(g[j], w[j])
-        s2 += _t_proddev(g[j], w[j], x[j], mu)
-    return s1, s2
 
 
 @njit(**_RED)
@@ -571,40 +556,71 @@ def rownorm_fwd(x, weight, bias, eps, center, out, mean, rstd, nthreads):
                 orow[j] = ((xr[j] - mu) * r) * weight[j] + bias[j]
 
 
-@njit(**_JIT)
-def _row_dx(g, x, w, mu, r, mg, mgx, dx):
-    """One row of the row-norm backward: ``dx = r·(g·w - mg - x̂·mgx)``, ``x̂ = (x - mu)·r``."""
-    for j in range(g.shape[0]):
-        xh = (x[j] - mu) * r
-        dx[j] = r * (np.float64(g[j]) * w[j] - mg - xh * mgx)
+# The backward's two row sweeps may fuse a multiply and an add into one FMA (a single
+# rounding where the written form has two, so never less accurate); with the sums'
+# reassociation this takes a third off the instructions of the backward, which is
+# bound by them rather than by memory.  Which additions fuse is fixed for a given
+# machine and build, like the order of the sums.
+_RED_FMA = dict(_JIT, fastmath={"reassoc", "contract"})
+_FMA = dict(_JIT, fastmath={"contract"})
 
 
-@njit(**_JIT)
-def _param_grads1(g, x, mu, r, aw, ab):
-    """``aw += g·x̂`` and ``ab += g`` for one row."""
+@njit(**_RED_FMA)
+def _row_sums_grads2(g0, x0, g1, x1, w, mu0, r0, mu1, r1, aw, ab):
+    """Sweep 1 of the row-norm backward for two rows at once.
+
+    Returns ``(Σ g·w, Σ g·w·(x - μ))`` of each row in float64 and adds both rows'
+    ``g·x̂`` to ``aw`` and ``g`` to ``ab`` (the parameter gradients), so that ``w``,
+    ``aw`` and ``ab`` pass through the core once per two rows.
+    """
+    a1 = 0.0
+    a2 = 0.0
+    b1 = 0.0
+    b2 = 0.0
+    for j in range(g0.shape[0]):
+        ga = np.float64(g0[j])
+        gb = np.float64(g1[j])
+        pa = _t_proddev(g0[j], 1.0, x0[j], mu0)
+        pb = _t_proddev(g1[j], 1.0, x1[j], mu1)
+        wj = w[j]
+        a1 += ga * wj
+        a2 += pa * wj
+        b1 += gb * wj
+        b2 += pb * wj
+        aw[j] += pa * r0 + pb * r1
+        ab[j] += ga + gb
+    return a1, a2, b1, b2
+
+
+@njit(**_RED_FMA)
+def _row_sums_grads1(g, x, w, mu, r, aw, ab):
+    """:func:`_row_sums_grads2` for one row."""
+    s1 = 0.0
+    s2 = 0.0
     for j in range(g.shape[0]):
         gj = np.float64(g[j])
-        aw[j] += gj * ((x[j] - mu) * r)
+        p = _t_proddev(g[j], 1.0, x[j], mu)
+        s1 += gj * w[j]
+        s2 += p * w[j]
+        aw[j] += p * r
         ab[j] += gj
+    return s1, s2
+
+
+@njit(**_FMA)
+def _row_dx(g, x, w, mu, r, k2, k3, dx):
+    """Sweep 2, one row: ``dx = r·(g·w) + (k2·(x - mu) + k3)``."""
+    for j in range(g.shape[0]):
+        dx[j] = (np.float64(g[j]) * w[j]) * r + ((x[j] - mu) * k2 + k3)
 
 
 @njit(**_JIT)
-def _param_grads4(dy, x, mean, rstd, i, aw, ab):
-    """``aw += Σ g·x̂`` and ``ab += Σ g`` over rows i..i+3, the four rows summed pairwise
-    first: aw and ab are then read and written once per four rows instead of every row."""
-    g0, g1, g2, g3 = dy[i], dy[i + 1], dy[i + 2], dy[i + 3]
-    x0, x1, x2, x3 = x[i], x[i + 1], x[i + 2], x[i + 3]
-    m0, m1, m2, m3 = mean[i], mean[i + 1], mean[i + 2], mean[i + 3]
-    r0, r1, r2, r3 = rstd[i], rstd[i + 1], rstd[i + 2], rstd[i + 3]
-    for j in range(g0.shape[0]):
-        a = np.float64(g0[j])
-        b = np.float64(g1[j])
-        c = np.float64(g2[j])
-        d = np.float64(g3[j])
-        aw[j] += (a * ((x0[j] - m0) * r0) + b * ((x1[j] - m1) * r1)) + (
-            c * ((x2[j] - m2) * r2) + d * ((x3[j] - m3) * r3)
-        )
-        ab[j] += (a + b) + (c + d)
+def _row_dx_coefs(s1, s2, r, D, center):
+    """``(k2, k3)`` of :func:`_row_dx` from the row sums ``s1 = Σ g·w`` and
+    ``s2 = Σ g·w·(x - μ)``: ``dx = r·(g·w - mean(g·w) - x̂·mean(g·w·x̂))`` with
+    ``x̂ = (x - μ)·r`` is ``r·g·w - r³·s2/D·(x - μ) - r·s1/D``."""
+    mg = s1 / D if center else 0.0
+    return -(r * r) * (s2 * r / D), -r * mg
 
 
 @njit(parallel=True, **_JIT)
@@ -614,8 +630,9 @@ def rownorm_bwd(dy, x, weight, mean, rstd, center, dx, nthreads):
     With ``g = dy·w`` and ``x̂ = (x - μ)·r``:
     LayerNorm ``dx = r·(g - mean(g) - x̂·mean(g·x̂))``;
     RMSNorm   ``dx = r·(g - x̂·mean(g·x̂))``.
-    ``dweight = Σ_rows dy·x̂`` and ``dbias = Σ_rows dy`` use per-thread partials, to
-    which every fourth row adds the last four rows (still in cache).
+    ``dweight = Σ_rows dy·x̂`` and ``dbias = Σ_rows dy`` use per-thread partials.  Rows
+    go two at a time: one sweep reads both for their sums and the parameter gradients,
+    then one sweep per row writes dx while the row is still in cache.
     dy, x and dx must be C-contiguous.
     """
     R, D = x.shape
@@ -625,18 +642,18 @@ def rownorm_bwd(dy, x, weight, mean, rstd, center, dx, nthreads):
         r0, r1 = _span(t, R, nthreads)
         aw = np.zeros(D)
         ab = np.zeros(D)
-        for i in range(r0, r1):
-            xr = x[i]
-            gr = dy[i]
-            mu = mean[i]
-            r = rstd[i]
-            sg, sgx = _row_dot2(gr, weight, xr, mu)
-            mg = sg / D if center else 0.0
-            _row_dx(gr, xr, weight, mu, r, mg, sgx * r / D, dx[i])
-            if (i - r0) % 4 == 3:
-                _param_grads4(dy, x, mean, rstd, i - 3, aw, ab)
-        for i in range(r1 - (r1 - r0) % 4, r1):
-            _param_grads1(dy[i], x[i], mean[i], rstd[i], aw, ab)
+        for i in range(r0, r1 - 1, 2):
+            m0, s0, m1, s1 = mean[i], rstd[i], mean[i + 1], rstd[i + 1]
+            a1, a2, b1, b2 = _row_sums_grads2(dy[i], x[i], dy[i + 1], x[i + 1], weight, m0, s0, m1, s1, aw, ab)
+            k2, k3 = _row_dx_coefs(a1, a2, s0, D, center)
+            _row_dx(dy[i], x[i], weight, m0, s0, k2, k3, dx[i])
+            k2, k3 = _row_dx_coefs(b1, b2, s1, D, center)
+            _row_dx(dy[i + 1], x[i + 1], weight, m1, s1, k2, k3, dx[i + 1])
+        if (r1 - r0) % 2 == 1:
+            i = r1 - 1
+            s1, s2 = _row_sums_grads1(dy[i], x[i], weight, mean[i], rstd[i], aw, ab)
+            k2, k3 = _row_dx_coefs(s1, s2, rstd[i], D, center)
+            _row_dx(dy[i], x[i], weight, mean[i], rstd[i], k2, k3, dx[i])
         pw[t] = aw
         pb[t] = ab
     return pw.sum(axis=0), pb.sum(axis=0)

@@ -108,8 +108,8 @@ def test_non_contiguous_and_read_only(rng, make):
 @pytest.mark.parametrize("nthreads", [1, 2, 3])
 @pytest.mark.parametrize("center", [True, False])
 def test_parameter_gradients_at_every_row_grouping(rng, rows, nthreads, center):
-    # the backward folds the parameter gradients in four rows at a time, then the
-    # rows left over: every remainder, and thread ranges that split the groups
+    # the backward takes rows two at a time, then the row left over: odd and even
+    # counts, and thread ranges that split the pairs
     from streamnorm import _kernels_cpu as K
 
     D = 37
