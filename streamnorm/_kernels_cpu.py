@@ -72,6 +72,77 @@ def _prefetch(typingctx, arr, a, i, j):
 
 
 # ---------------------------------------------------------------------------
+# Streaming stores
+#
+# A plain store to a line that is not in cache first reads the line from memory, so a
+# pass that reads one array and writes another moves three arrays' worth of bytes.  A
+# kernel whose output is far larger than the caches may instead write each row into a
+# small buffer (it stays in L1) and copy the buffer out a cache line at a time with
+# non-temporal stores, which send the line to memory without reading it.  The caller
+# decides (``_memory.streaming``): only when every row starts on a 64-byte boundary,
+# and only for outputs too large to be read back from cache anyway.
+# ---------------------------------------------------------------------------
+
+
+@_intrinsic
+def _stream_line(typingctx, dst, j, src, k):
+    """``dst[j:j + n] = src[k:k + n]`` for the n values of one 64-byte line, as one
+    non-temporal store.  ``dst[j]`` must be 64-byte aligned (x86 faults otherwise);
+    both arrays 1-D, contiguous, of one dtype."""
+    if dst.dtype != src.dtype:
+        return None
+    sig = _types.void(dst, j, src, k)
+
+    def codegen(context, builder, signature, args):
+        dty, jty, sty, kty = signature.args
+        d = context.make_array(dty)(context, builder, args[0])
+        s = context.make_array(sty)(context, builder, args[2])
+        jj = context.cast(builder, args[1], jty, _types.intp)
+        kk = context.cast(builder, args[3], kty, _types.intp)
+        pd = _cgutils.get_item_pointer(context, builder, dty, d, [jj], wraparound=False)
+        ps = _cgutils.get_item_pointer(context, builder, sty, s, [kk], wraparound=False)
+        elem = context.get_data_type(dty.dtype)
+        vty = _ir.VectorType(elem, _LINE * 8 // dty.dtype.bitwidth)
+        v = builder.load(builder.bitcast(ps, vty.as_pointer()), align=dty.dtype.bitwidth // 8)
+        st = builder.store(v, builder.bitcast(pd, vty.as_pointer()), align=_LINE)
+        st.set_metadata("nontemporal", builder.module.add_metadata([_ir.Constant(_ir.IntType(32), 1)]))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@_intrinsic
+def _store_fence(typingctx):
+    """A full memory fence: the non-temporal stores before it are globally visible
+    before any memory access after it."""
+    sig = _types.void()
+
+    def codegen(context, builder, signature, args):
+        builder.fence("seq_cst")
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(**_JIT)
+def _stream_row(buf, orow):
+    """``orow[:] = buf[:len(orow)]``, whole lines with non-temporal stores (``orow``
+    must start on a 64-byte boundary), a partial last line with plain stores."""
+    n = orow.shape[0]
+    per = _LINE // orow.itemsize
+    j = 0
+    while j + per <= n:
+        _stream_line(orow, j, buf, j)
+        j += per
+    for q in range(j, n):
+        orow[q] = buf[q]
+
+
+#: values per piece when a long row is streamed (a multiple of any line's values)
+_STREAM_PIECE = 1024
+
+
+# ---------------------------------------------------------------------------
 # Contiguous-row helpers
 #
 # A reduction along a contiguous row is a plain loop ``s += term(v[j])`` whose addition
@@ -417,28 +488,64 @@ def ncl_moments(x, nthreads, block):
 # ---------------------------------------------------------------------------
 
 
+@njit(**_JIT)
+def _affine_cols(xr, mean, scale, shift, orow):
+    """``orow = (xr - mean)·scale + shift`` elementwise over one row."""
+    for j in range(xr.shape[0]):
+        orow[j] = (xr[j] - mean[j]) * scale[j] + shift[j]
+
+
+@njit(**_JIT)
+def _affine1(xr, m, s, b, orow):
+    """``orow = (xr - m)·s + b`` over one row, with scalar coefficients."""
+    for j in range(xr.shape[0]):
+        orow[j] = (xr[j] - m) * s + b
+
+
 @njit(parallel=True, **_JIT)
-def apply_cols(x, mean, scale, shift, out):
-    """``out[i, j] = (x[i, j] - mean[j]) * scale[j] + shift[j]`` for x (M, C)."""
+def apply_cols(x, mean, scale, shift, out, nthreads, stream):
+    """``out[i, j] = (x[i, j] - mean[j]) * scale[j] + shift[j]`` for x (M, C).
+
+    With ``stream``, rows go out through :func:`_stream_row` (every row of ``out`` must
+    start on a 64-byte boundary)."""
     M, C = x.shape
-    for i in prange(M):
-        for j in range(C):
-            out[i, j] = (x[i, j] - mean[j]) * scale[j] + shift[j]
+    for t in prange(nthreads):
+        r0, r1 = _span(t, M, nthreads)
+        buf = np.empty(C if stream else 0, out.dtype)
+        for i in range(r0, r1):
+            if stream:
+                _affine_cols(x[i], mean, scale, shift, buf)
+                _stream_row(buf, out[i])
+            else:
+                _affine_cols(x[i], mean, scale, shift, out[i])
+        if stream:
+            _store_fence()
 
 
 @njit(parallel=True, **_JIT)
-def apply_ncl(x, mean, scale, shift, out):
-    """``out[n, c, l] = (x[n, c, l] - mean[c]) * scale[c] + shift[c]`` for x (N, C, L)."""
+def apply_ncl(x, mean, scale, shift, out, nthreads, stream):
+    """``out[n, c, l] = (x[n, c, l] - mean[c]) * scale[c] + shift[c]`` for x (N, C, L);
+    ``stream`` as in :func:`apply_cols`, a row in pieces of ``_STREAM_PIECE`` values."""
     N, C, L = x.shape
-    for i in prange(N):
-        for c in range(C):
-            m = mean[c]
-            s = scale[c]
-            b = shift[c]
-            xr = x[i, c]
-            orow = out[i, c]
-            for j in range(L):
-                orow[j] = (xr[j] - m) * s + b
+    for t in prange(nthreads):
+        r0, r1 = _span(t, N, nthreads)
+        buf = np.empty(min(L, _STREAM_PIECE) if stream else 0, out.dtype)
+        for i in range(r0, r1):
+            for c in range(C):
+                m = mean[c]
+                s = scale[c]
+                b = shift[c]
+                xr = x[i, c]
+                orow = out[i, c]
+                if stream:
+                    for j0 in range(0, L, _STREAM_PIECE):
+                        j1 = min(j0 + _STREAM_PIECE, L)
+                        _affine1(xr[j0:j1], m, s, b, buf)
+                        _stream_row(buf, orow[j0:j1])
+                else:
+                    _affine1(xr, m, s, b, orow)
+        if stream:
+            _store_fence()
 
 
 # ---------------------------------------------------------------------------
@@ -497,30 +604,63 @@ def bn_bwd_sums_ncl(dy, x, mean, k1, dx, write_dx, nthreads):
     return p1.sum(axis=0), p2.sum(axis=0)
 
 
+@njit(**_JIT)
+def _bn_dx_cols(g, x, mean, k1, k2, k3, d):
+    """``d = k1·g + k2·(x - mean) + k3`` elementwise over one row."""
+    for j in range(g.shape[0]):
+        d[j] = k1[j] * g[j] + k2[j] * (x[j] - mean[j]) + k3[j]
+
+
+@njit(**_JIT)
+def _bn_dx1(g, x, m, a, b, c, d):
+    """``d = a·g + b·(x - m) + c`` over one row, with scalar coefficients."""
+    for j in range(g.shape[0]):
+        d[j] = a * g[j] + b * (x[j] - m) + c
+
+
 @njit(parallel=True, **_JIT)
-def bn_bwd_dx_cols(dy, x, mean, k1, k2, k3, dx):
-    """``dx = k1·dy + k2·(x - mean) + k3`` per channel, for (M, C) data."""
+def bn_bwd_dx_cols(dy, x, mean, k1, k2, k3, dx, nthreads, stream):
+    """``dx = k1·dy + k2·(x - mean) + k3`` per channel, for (M, C) data; ``stream`` as
+    in :func:`apply_cols`."""
     M, C = x.shape
-    for i in prange(M):
-        for j in range(C):
-            dx[i, j] = k1[j] * dy[i, j] + k2[j] * (x[i, j] - mean[j]) + k3[j]
+    for t in prange(nthreads):
+        r0, r1 = _span(t, M, nthreads)
+        buf = np.empty(C if stream else 0, dx.dtype)
+        for i in range(r0, r1):
+            if stream:
+                _bn_dx_cols(dy[i], x[i], mean, k1, k2, k3, buf)
+                _stream_row(buf, dx[i])
+            else:
+                _bn_dx_cols(dy[i], x[i], mean, k1, k2, k3, dx[i])
+        if stream:
+            _store_fence()
 
 
 @njit(parallel=True, **_JIT)
-def bn_bwd_dx_ncl(dy, x, mean, k1, k2, k3, dx):
-    """(N, C, L) twin of :func:`bn_bwd_dx_cols`."""
+def bn_bwd_dx_ncl(dy, x, mean, k1, k2, k3, dx, nthreads, stream):
+    """(N, C, L) twin of :func:`bn_bwd_dx_cols`; ``stream`` as in :func:`apply_ncl`."""
     N, C, L = x.shape
-    for i in prange(N):
-        for c in range(C):
-            a = k1[c]
-            b = k2[c]
-            cc = k3[c]
-            m = mean[c]
-            gr = dy[i, c]
-            xr = x[i, c]
-            dr = dx[i, c]
-            for j in range(L):
-                dr[j] = a * gr[j] + b * (xr[j] - m) + cc
+    for t in prange(nthreads):
+        r0, r1 = _span(t, N, nthreads)
+        buf = np.empty(min(L, _STREAM_PIECE) if stream else 0, dx.dtype)
+        for i in range(r0, r1):
+            for c in range(C):
+                a = k1[c]
+                b = k2[c]
+                cc = k3[c]
+                m = mean[c]
+                gr = dy[i, c]
+                xr = x[i, c]
+                dr = dx[i, c]
+                if stream:
+                    for j0 in range(0, L, _STREAM_PIECE):
+                        j1 = min(j0 + _STREAM_PIECE, L)
+                        _bn_dx1(gr[j0:j1], xr[j0:j1], m, a, b, cc, buf)
+                        _stream_row(buf, dr[j0:j1])
+                else:
+                    _bn_dx1(gr, xr, m, a, b, cc, dr)
+        if stream:
+            _store_fence()
 
 
 # ---------------------------------------------------------------------------

@@ -39,7 +39,7 @@ import numba
 import numpy as np
 
 from . import _kernels_cpu as K
-from . import _moments
+from . import _memory, _moments
 from ._validation import as_float_array, canonical_view, check_axis
 
 __all__ = ["STATE_DTYPE", "moments", "chunk_moments"]
@@ -370,11 +370,11 @@ def _affine_block(block, params, check_inf):
     x = as_float_array(block, "X")
     if check_inf and np.isinf(x).any():
         raise ValueError(_INF_MESSAGE)
-    out = np.empty(x.shape, dtype=x.dtype)
+    out = _memory.empty(x.shape, x.dtype)
     if x.size:
         p = np.asarray(params)
         _launch(
-            K.apply_cols,
+            lambda *a: K.apply_cols(*a, _moments.nthreads(), _memory.streaming(out, x.shape[1])),
             x,
             np.ascontiguousarray(p["sub"]),
             np.ascontiguousarray(p["mul"]),

@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import _kernels_cpu as K
-from . import _moments
+from . import _memory, _moments
 from ._backend import is_device
 from ._validation import as_float_array, canonical_view, check_positive_float
 from .comm import allgather_checked, as_communicator
@@ -242,7 +242,7 @@ def _output(out, x: np.ndarray, shape3: tuple[int, ...], dtype=None, reads=()) -
     """
     dtype = x.dtype if dtype is None else np.dtype(dtype)
     if out is None:
-        return np.empty(shape3, dtype=dtype)
+        return _memory.empty(shape3, dtype)
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
     if out.shape != x.shape or out.dtype != dtype:
@@ -261,7 +261,9 @@ def _bn_normalize(x, x3, cols, mu, var, w, b, eps, out=None):
     shift = np.zeros(mu.shape[0]) if b is None else b
     y = _output(out, x, x3.shape)
     if y.size:
-        (K.apply_cols if cols else K.apply_ncl)(x3, mu, scale, shift, y)
+        (K.apply_cols if cols else K.apply_ncl)(
+            x3, mu, scale, shift, y, _moments.nthreads(), _memory.streaming(y, x3.shape[-1])
+        )
     return y.reshape(x.shape), rstd
 
 
@@ -471,7 +473,9 @@ def batch_norm_backward(dy, cache: BatchNormCache, out: np.ndarray | None = None
         q = 1.0 - cache.prior_weight
         k2 = -g * r * r * q * cache.var_factor * dweight / m
         k3 = -k1 * q * s1 / m
-        (K.bn_bwd_dx_cols if cache.cols else K.bn_bwd_dx_ncl)(dy3, x3, center, k1, k2, k3, dx)
+        (K.bn_bwd_dx_cols if cache.cols else K.bn_bwd_dx_ncl)(
+            dy3, x3, center, k1, k2, k3, dx, nt, _memory.streaming(dx, x3.shape[-1])
+        )
     return dx.reshape(out_shape), dweight, dbias
 
 
@@ -680,7 +684,7 @@ def sync_batch_norm_backward(dy, cache: SyncBatchNormCache, comm=None):
         dy3 = canonical_view(dy, x3.shape)
         if not loc.cols:
             dy3 = np.ascontiguousarray(dy3)
-        dx = np.empty(x3.shape, dtype=_out_dtype(x3, dy3))
+        dx = _memory.empty(x3.shape, _out_dtype(x3, dy3))
         if dx.size:
             sums = K.bn_bwd_sums_cols if loc.cols else K.bn_bwd_sums_ncl
             part = sums(dy3, x3, loc.mean, k1, dx, False, _moments.nthreads())
@@ -700,7 +704,9 @@ def sync_batch_norm_backward(dy, cache: SyncBatchNormCache, comm=None):
         m = float(cache.count)
         k2 = -g * r * r * dweight / m
         k3 = -k1 * s1 / m
-        (K.bn_bwd_dx_cols if loc.cols else K.bn_bwd_dx_ncl)(dy3, x3, loc.mean, k1, k2, k3, dx)
+        (K.bn_bwd_dx_cols if loc.cols else K.bn_bwd_dx_ncl)(
+            dy3, x3, loc.mean, k1, k2, k3, dx, _moments.nthreads(), _memory.streaming(dx, x3.shape[-1])
+        )
     return dx.reshape(dy.shape), dweight, dbias
 
 
@@ -1395,7 +1401,7 @@ def online_norm_forward(
     bk = np.zeros(C) if b is None else b
     out3 = None if out is None else _output(out, x, x3.shape)
     # with error compensation the affine output is kept for the backward: a new array
-    y = np.empty(x3.shape, dtype=x.dtype) if out3 is None or ecm is not None else out3
+    y = _memory.empty(x3.shape, x.dtype) if out3 is None or ecm is not None else out3
     new_mu, new_var = mu0.copy(), var0.copy()
     if x3.size:
         if training and x3.shape[2] == 1:
@@ -1406,7 +1412,7 @@ def online_norm_forward(
         elif training:
             K.online_fwd(x3, new_mu, new_var, float(alpha_fwd), eps, wk, bk, y, _moments.nthreads())
         else:
-            K.apply_ncl(x3, mu0, wk / np.sqrt(var0 + eps), bk, y)
+            K.apply_ncl(x3, mu0, wk / np.sqrt(var0 + eps), bk, y, _moments.nthreads(), _memory.streaming(y, x3.shape[2]))
     pre = None
     if ecm == "ac":
         pre = y

@@ -11,6 +11,7 @@ from typing import Any, Iterable, Iterator, Literal
 import numpy as np
 
 from . import _kernels_cpu as K
+from . import _memory, _moments
 from ._validation import as_float_array
 from .stats import RunningStats, _is_dask_array
 
@@ -362,10 +363,8 @@ class StreamScaler(*_BASES):  # type: ignore[misc]
         _raise_on_inf(Xa)
         out = _out_array(Xa, self.copy if copy is None else copy)
         if Xa.size:
-            if inverse:
-                K.apply_cols(Xa, zero, scale, mean, out)
-            else:
-                K.apply_cols(Xa, mean, 1.0 / scale, zero, out)
+            sub, mul, add = (zero, scale, mean) if inverse else (mean, 1.0 / scale, zero)
+            K.apply_cols(Xa, sub, mul, add, out, _moments.nthreads(), _memory.streaming(out, Xa.shape[1]))
         return out
 
     def fit_transform(self, X, y=None, sample_weight=None):
@@ -482,7 +481,7 @@ def _is_chunk_iterable(X) -> bool:
 def _out_array(X: np.ndarray, copy: bool) -> np.ndarray:
     if not copy and X.flags.writeable and X.dtype in (np.float32, np.float64):
         return X
-    return np.empty(X.shape, dtype=X.dtype)
+    return _memory.empty(X.shape, X.dtype)
 
 
 # ---------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .. import _backend
+from .. import _backend, _memory
 from .._validation import as_param
 
 
@@ -251,11 +251,12 @@ class Layer:
         dtype = x.dtype if dtype is None else dtype
         for buf in self._spare.get(slot, ()):
             # references: the list, the loop variable and getrefcount's argument
-            if sys.getrefcount(buf) > 3 or buf.size != x.size or buf.dtype != dtype:
+            if sys.getrefcount(buf) > 3:
                 continue
-            if any(np.may_share_memory(buf, a) for a in (x, *avoid)):
+            out = _memory.reuse(buf, x.shape, dtype)
+            if out is None or any(np.may_share_memory(buf, a) for a in (x, *avoid)):
                 continue
-            return buf.reshape(x.shape)
+            return out
         return None
 
     def _keep_out(self, y, slot: str = "y") -> None:
@@ -267,10 +268,8 @@ class Layer:
         if not self.reuse_output or type(y) is not np.ndarray:
             self._spare.pop(slot, None)
             return
-        b = y
-        while isinstance(b.base, np.ndarray):
-            b = b.base
-        if not (b.flags.c_contiguous and b.flags.writeable and b.size == y.size):
+        b = _memory.owner(y)
+        if b is None or not (b.flags.c_contiguous and b.flags.writeable):
             return
         kept = [k for k in self._spare.get(slot, ()) if k is not b]
         self._spare[slot] = [b, *kept][:2]

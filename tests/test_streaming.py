@@ -1,0 +1,144 @@
+"""Streaming stores: large outputs are written a cache line at a time with non-temporal
+stores.  Same bits as plain stores, only where every row starts on a line."""
+
+import numpy as np
+import pytest
+
+import streamnorm as sn
+from streamnorm import _kernels_cpu as K
+from streamnorm import _memory
+
+DTYPES = [np.float32, np.float64]
+
+
+def _aligned(rng, shape, dtype):
+    """A 64-byte aligned array of random values, whatever its size."""
+    n = int(np.prod(shape))
+    raw = np.empty(n * np.dtype(dtype).itemsize + 64, np.uint8)
+    skip = -raw.ctypes.data % 64
+    a = raw[skip : skip + n * np.dtype(dtype).itemsize].view(dtype).reshape(shape)
+    a[...] = rng.normal(size=shape)
+    assert a.ctypes.data % 64 == 0
+    return a
+
+
+@pytest.fixture
+def stream_everything(monkeypatch):
+    """Make every output large enough to stream, and count the calls that do."""
+    monkeypatch.setattr(_memory, "STREAM_MIN_BYTES", 0)
+    calls = []
+    plain = _memory.streaming
+
+    def spy(out, row):
+        calls.append(plain(out, row))
+        return calls[-1]
+
+    monkeypatch.setattr(_memory, "streaming", spy)
+    return calls
+
+
+def test_empty_is_aligned_only_when_it_may_stream(monkeypatch):
+    small = _memory.empty((3, 5), np.float32)
+    assert small.base is None  # a plain np.empty
+    monkeypatch.setattr(_memory, "STREAM_MIN_BYTES", 0)
+    for dtype in DTYPES:
+        for n in (1, 7, 16, 1000):
+            a = _memory.empty((n, 3), dtype)
+            assert a.shape == (n, 3) and a.dtype == dtype and a.flags.c_contiguous
+            assert a.ctypes.data % _memory.LINE == 0
+
+
+def test_owner_is_the_allocation_that_every_view_holds(monkeypatch):
+    plain = np.empty((4, 6))
+    assert _memory.owner(plain.reshape(6, 4)) is plain
+    assert _memory.owner(plain[1:]) is None  # a view into something larger
+    assert _memory.reuse(plain, (3, 8), np.float64).base is plain
+    assert _memory.reuse(plain, (3, 8), np.float32) is None
+    monkeypatch.setattr(_memory, "STREAM_MIN_BYTES", 0)
+    a = _memory.empty((4, 6), np.float32)
+    o = _memory.owner(a.reshape(24))
+    assert o is not None and o is a.base and o.nbytes == a.nbytes + _memory.LINE
+    b = _memory.reuse(o, (2, 12), np.float32)
+    assert b.ctypes.data == a.ctypes.data and b.base is o
+    assert _memory.reuse(o, (2, 12), np.float64) is None
+
+
+def test_streaming_needs_size_alignment_and_whole_lines(monkeypatch):
+    monkeypatch.setattr(_memory, "STREAM_MIN_BYTES", 1024)
+    a = _memory.empty((64, 16), np.float32)  # 4 KiB, rows of one line
+    assert _memory.streaming(a, 16)
+    assert not _memory.streaming(a.reshape(128, 8), 8)  # rows of half a line
+    assert not _memory.streaming(a[:8], 16)  # below the size
+    raw = np.empty(64 * 16 + 16, np.float32)
+    off = raw[1 + (-raw.ctypes.data % 64) // 4 :][: 64 * 16].reshape(64, 16)
+    assert off.ctypes.data % 64 != 0 and not _memory.streaming(off, 16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nthreads", [1, 2, 3])
+def test_kernels_write_the_same_bits_streamed(rng, dtype, nthreads):
+    M, C = 37, 48  # rows of 3 lines (float32) or 6 (float64)
+    x, dy = (rng.normal(2, 3, (M, C)).astype(dtype) for _ in range(2))
+    m, s, b, k3 = (rng.normal(size=C) for _ in range(4))
+    for kernel, args in (
+        (K.apply_cols, (x, m, s, b)),
+        (K.bn_bwd_dx_cols, (dy, x, m, s, b, k3)),
+    ):
+        plain, streamed = np.empty((M, C), dtype), _aligned(rng, (M, C), dtype)
+        kernel(*args, plain, nthreads, False)
+        kernel(*args, streamed, nthreads, True)
+        np.testing.assert_array_equal(streamed, plain)
+    # (N, C, L) rows longer than one piece, and a short last piece
+    L = K._STREAM_PIECE + 80
+    x3, dy3 = (rng.normal(2, 3, (3, 2, L)).astype(dtype) for _ in range(2))
+    mc, sc, bc, kc = (rng.normal(size=2) for _ in range(4))
+    for kernel, args in (
+        (K.apply_ncl, (x3, mc, sc, bc)),
+        (K.bn_bwd_dx_ncl, (dy3, x3, mc, sc, bc, kc)),
+    ):
+        plain, streamed = np.empty(x3.shape, dtype), _aligned(rng, x3.shape, dtype)
+        kernel(*args, plain, nthreads, False)
+        kernel(*args, streamed, nthreads, True)
+        np.testing.assert_array_equal(streamed, plain)
+
+
+def _layer_results(make, x, dy):
+    layer = make()
+    y = layer(x)
+    return y, layer.backward(dy)
+
+
+@pytest.mark.parametrize(
+    "make, shape",
+    [
+        (lambda: sn.BatchNorm(32), (40, 32)),
+        (lambda: sn.BatchNorm2d(3), (5, 3, 8, 4)),
+        (lambda: sn.OnlineNorm(3).eval(), (5, 3, 32)),
+    ],
+)
+def test_layers_give_the_same_bits_streamed(rng, stream_everything, make, shape):
+    x = rng.normal(1, 2, shape).astype(np.float32)
+    dy = rng.normal(size=shape).astype(np.float32)
+    streamed = _layer_results(make, x, dy)
+    assert any(stream_everything)
+    _memory.STREAM_MIN_BYTES = 1 << 62
+    plain = _layer_results(make, x, dy)
+    for a, b in zip(streamed, plain):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_scaler_transform_streams_with_the_same_bits(rng, stream_everything):
+    X = rng.normal(3, 2, (50, 16))
+    sc = sn.StreamScaler().partial_fit(X)
+    t = sc.transform(X)
+    assert stream_everything == [True]
+    _memory.STREAM_MIN_BYTES = 1 << 62
+    np.testing.assert_array_equal(t, sc.transform(X))
+    np.testing.assert_array_equal(sc.inverse_transform(t), sc.inverse_transform(t.copy()))
+
+
+def test_odd_rows_are_never_streamed(rng, stream_everything):
+    x = rng.normal(size=(10, 7)).astype(np.float32)  # rows of 28 bytes
+    y = sn.BatchNorm(7)(x)
+    assert stream_everything == [False]
+    np.testing.assert_allclose(y.mean(axis=0), 0, atol=1e-6)
