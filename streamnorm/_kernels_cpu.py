@@ -772,10 +772,14 @@ def rownorm_bwd(dy, x, weight, mean, rstd, center, dx, nthreads):
     RMSNorm   ``dx = r·(g - x̂·mean(g·x̂))``.
     ``dweight = Σ_rows dy·x̂`` and ``dbias = Σ_rows dy`` use per-thread partials.  Rows
     go two at a time: one sweep reads both for their sums and the parameter gradients,
-    then one sweep per row writes dx while the row is still in cache.
+    then one sweep per row writes dx while the row is still in cache, and meanwhile the
+    next pair is prefetched.
     dy, x and dx must be C-contiguous.
     """
     R, D = x.shape
+    x3 = x.reshape((1, R, D))
+    g3 = dy.reshape((1, R, D))
+    step = max(1, _LINE // x.itemsize)
     pw = np.zeros((nthreads, D))
     pb = np.zeros((nthreads, D))
     for t in prange(nthreads):
@@ -785,8 +789,15 @@ def rownorm_bwd(dy, x, weight, mean, rstd, center, dx, nthreads):
         for i in range(r0, r1 - 1, 2):
             m0, s0, m1, s1 = mean[i], rstd[i], mean[i + 1], rstd[i + 1]
             a1, a2, b1, b2 = _row_sums_grads2(dy[i], x[i], dy[i + 1], x[i + 1], weight, m0, s0, m1, s1, aw, ab)
+            ahead = i + 3 < r1  # the next pair's rows come in while dx is written from cache
+            if ahead:
+                _prefetch_row(x3, 0, i + 2, D, step)
+                _prefetch_row(g3, 0, i + 2, D, step)
             k2, k3 = _row_dx_coefs(a1, a2, s0, D, center)
             _row_dx(dy[i], x[i], weight, m0, s0, k2, k3, dx[i])
+            if ahead:
+                _prefetch_row(x3, 0, i + 3, D, step)
+                _prefetch_row(g3, 0, i + 3, D, step)
             k2, k3 = _row_dx_coefs(b1, b2, s1, D, center)
             _row_dx(dy[i + 1], x[i + 1], weight, m1, s1, k2, k3, dx[i + 1])
         if (r1 - r0) % 2 == 1:
