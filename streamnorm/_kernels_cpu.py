@@ -502,6 +502,20 @@ def _affine1(xr, m, s, b, orow):
         orow[j] = (xr[j] - m) * s + b
 
 
+@njit(**_JIT)
+def _affine1_to(xr, m, s, b, orow, buf, stream):
+    """:func:`_affine1` into ``orow``; with ``stream``, piece by piece through ``buf``
+    (``_STREAM_PIECE`` values) and :func:`_stream_row`."""
+    if not stream:
+        _affine1(xr, m, s, b, orow)
+        return
+    L = xr.shape[0]
+    for j0 in range(0, L, _STREAM_PIECE):
+        j1 = min(j0 + _STREAM_PIECE, L)
+        _affine1(xr[j0:j1], m, s, b, buf)
+        _stream_row(buf, orow[j0:j1])
+
+
 @njit(parallel=True, **_JIT)
 def apply_cols(x, mean, scale, shift, out, nthreads, stream):
     """``out[i, j] = (x[i, j] - mean[j]) * scale[j] + shift[j]`` for x (M, C).
@@ -535,15 +549,7 @@ def apply_ncl(x, mean, scale, shift, out, nthreads, stream):
                 m = mean[c]
                 s = scale[c]
                 b = shift[c]
-                xr = x[i, c]
-                orow = out[i, c]
-                if stream:
-                    for j0 in range(0, L, _STREAM_PIECE):
-                        j1 = min(j0 + _STREAM_PIECE, L)
-                        _affine1(xr[j0:j1], m, s, b, buf)
-                        _stream_row(buf, orow[j0:j1])
-                else:
-                    _affine1(xr, m, s, b, orow)
+                _affine1_to(x[i, c], m, s, b, out[i, c], buf, stream)
         if stream:
             _store_fence()
 
@@ -618,6 +624,19 @@ def _bn_dx1(g, x, m, a, b, c, d):
         d[j] = a * g[j] + b * (x[j] - m) + c
 
 
+@njit(**_JIT)
+def _bn_dx1_to(g, x, m, a, b, c, d, buf, stream):
+    """:func:`_bn_dx1` into ``d``, streamed as in :func:`_affine1_to`."""
+    if not stream:
+        _bn_dx1(g, x, m, a, b, c, d)
+        return
+    L = g.shape[0]
+    for j0 in range(0, L, _STREAM_PIECE):
+        j1 = min(j0 + _STREAM_PIECE, L)
+        _bn_dx1(g[j0:j1], x[j0:j1], m, a, b, c, buf)
+        _stream_row(buf, d[j0:j1])
+
+
 @njit(parallel=True, **_JIT)
 def bn_bwd_dx_cols(dy, x, mean, k1, k2, k3, dx, nthreads, stream):
     """``dx = k1·dy + k2·(x - mean) + k3`` per channel, for (M, C) data; ``stream`` as
@@ -649,16 +668,7 @@ def bn_bwd_dx_ncl(dy, x, mean, k1, k2, k3, dx, nthreads, stream):
                 b = k2[c]
                 cc = k3[c]
                 m = mean[c]
-                gr = dy[i, c]
-                xr = x[i, c]
-                dr = dx[i, c]
-                if stream:
-                    for j0 in range(0, L, _STREAM_PIECE):
-                        j1 = min(j0 + _STREAM_PIECE, L)
-                        _bn_dx1(gr[j0:j1], xr[j0:j1], m, a, b, cc, buf)
-                        _stream_row(buf, dr[j0:j1])
-                else:
-                    _bn_dx1(gr, xr, m, a, b, cc, dr)
+                _bn_dx1_to(dy[i, c], x[i, c], m, a, b, cc, dx[i, c], buf, stream)
         if stream:
             _store_fence()
 
@@ -922,20 +932,10 @@ def online_fwd(x, mu, var, alpha_f, eps, weight, bias, out, nthreads):
             for c in range(c0, c1):
                 m = mu[c]
                 k = weight[c] / np.sqrt(var[c] + eps)
-                b = bias[c]
                 xr = x[n, c]
-                orow = out[n, c]
-                for j in range(L):
-                    orow[j] = (xr[j] - m) * k + b
+                _affine1(xr, m, k, bias[c], out[n, c])
                 mt, m2 = _row_moments(xr)
                 mu[c], var[c] = _online_advance(m, var[c], mt, m2 / L, alpha_f)
-
-
-@njit(**_JIT)
-def _online_dx(g, x, m, a, b, c, dx):
-    """``dx = a·g - b·(x - m) - c`` over one sample's values of a channel."""
-    for j in range(g.shape[0]):
-        dx[j] = a * np.float64(g[j]) - b * (x[j] - m) - c
 
 
 @njit(**_JIT)
@@ -946,7 +946,7 @@ def _scaled(g, a, dx):
 
 
 @njit(parallel=True, **_JIT)
-def online_bwd(dout, x, mu, var, u, v, alpha_f, alpha_b, eps, weight, update, dx, nthreads):
+def online_bwd(dout, x, mu, var, u, v, alpha_f, alpha_b, eps, weight, update, dx, nthreads, stream):
     """Online Normalization backward; replays the forward recurrence from its start state.
 
     ``mu``/``var`` enter as the forward's state *before* the call (they are advanced
@@ -962,7 +962,7 @@ def online_bwd(dout, x, mu, var, u, v, alpha_f, alpha_b, eps, weight, update, dx
     Σ dout·(x - m_t) in one sweep, then dx.  The sums the recurrences need follow
     exactly: with ``e = m_t - μ``, ``Σ(x - μ)² = M2_t + L·e²`` (two non-negative
     terms) and ``Σ dout·(x - μ) = Σ dout·(x - m_t) + e·Σ dout``; ``⟨g̃·y⟩`` and
-    ``⟨dx⟩`` are linear in them.
+    ``⟨dx⟩`` are linear in them.  ``stream`` as in :func:`apply_ncl` (train mode).
     """
     N, C, L = x.shape
     cb = 1.0 - alpha_b
@@ -970,6 +970,7 @@ def online_bwd(dout, x, mu, var, u, v, alpha_f, alpha_b, eps, weight, update, dx
     db = np.zeros(C)
     for t in prange(nthreads):
         c0, c1 = _span(t, C, nthreads)
+        buf = np.empty(min(L, _STREAM_PIECE) if stream else 0, dx.dtype)
         for n in range(N):
             for c in range(c0, c1):
                 m = mu[c]
@@ -990,7 +991,8 @@ def online_bwd(dout, x, mu, var, u, v, alpha_f, alpha_b, eps, weight, update, dx
                     k1 = w * inv
                     k2 = cb * vc * inv * inv
                     k3 = cb * uc
-                    _online_dx(gr, xr, m, k1, k2, k3, dr)
+                    # with -b and -c: a·g - b·(x - m) - c, bit for bit
+                    _bn_dx1_to(gr, xr, m, k1, -k2, -k3, dr, buf, stream)
                     v[c] = vc + (w * sgy - cb * vc * syy) / L
                     u[c] = uc + (k1 * sg - k2 * (L * e) - L * k3) / L
                     mu[c], var[c] = _online_advance(m, var[c], mt, m2 / L, alpha_f)
@@ -1000,6 +1002,8 @@ def online_bwd(dout, x, mu, var, u, v, alpha_f, alpha_b, eps, weight, update, dx
                     _scaled(gr, w * inv, dr)
                 dw[c] += sgy
                 db[c] += sg
+        if stream:
+            _store_fence()
     return dw, db
 
 

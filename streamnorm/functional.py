@@ -1508,7 +1508,7 @@ def online_norm_backward(dy, cache: OnlineNormCache, u, v, *, alpha_bkw: float =
     elif x3.size:
         dw, db = K.online_bwd(
             g, x3, cache.mu0.copy(), cache.var0.copy(), new_u, new_v, cache.alpha_fwd, float(alpha_bkw),
-            cache.eps, cache.weight, cache.training, dx, _moments.nthreads(),
+            cache.eps, cache.weight, cache.training, dx, _moments.nthreads(), _memory.streaming(dx, x3.shape[2]),
         )
     else:
         dw, db = np.zeros(C), np.zeros(C)

@@ -114,6 +114,7 @@ def _layer_results(make, x, dy):
         (lambda: sn.BatchNorm(32), (40, 32)),
         (lambda: sn.BatchNorm2d(3), (5, 3, 8, 4)),
         (lambda: sn.OnlineNorm(3).eval(), (5, 3, 32)),
+        (lambda: sn.OnlineNorm(3, alpha_fwd=0.9, alpha_bkw=0.8), (5, 3, 32)),
     ],
 )
 def test_layers_give_the_same_bits_streamed(rng, stream_everything, make, shape):
