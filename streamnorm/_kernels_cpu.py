@@ -546,10 +546,7 @@ def apply_ncl(x, mean, scale, shift, out, nthreads, stream):
         buf = np.empty(min(L, _STREAM_PIECE) if stream else 0, out.dtype)
         for i in range(r0, r1):
             for c in range(C):
-                m = mean[c]
-                s = scale[c]
-                b = shift[c]
-                _affine1_to(x[i, c], m, s, b, out[i, c], buf, stream)
+                _affine1_to(x[i, c], mean[c], scale[c], shift[c], out[i, c], buf, stream)
         if stream:
             _store_fence()
 
@@ -664,11 +661,7 @@ def bn_bwd_dx_ncl(dy, x, mean, k1, k2, k3, dx, nthreads, stream):
         buf = np.empty(min(L, _STREAM_PIECE) if stream else 0, dx.dtype)
         for i in range(r0, r1):
             for c in range(C):
-                a = k1[c]
-                b = k2[c]
-                cc = k3[c]
-                m = mean[c]
-                _bn_dx1_to(dy[i, c], x[i, c], m, a, b, cc, dx[i, c], buf, stream)
+                _bn_dx1_to(dy[i, c], x[i, c], mean[c], k1[c], k2[c], k3[c], dx[i, c], buf, stream)
         if stream:
             _store_fence()
 
