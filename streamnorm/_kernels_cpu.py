@@ -503,12 +503,9 @@ def _affine1(xr, m, s, b, orow):
 
 
 @njit(**_JIT)
-def _affine1_to(xr, m, s, b, orow, buf, stream):
-    """:func:`_affine1` into ``orow``; with ``stream``, piece by piece through ``buf``
-    (``_STREAM_PIECE`` values) and :func:`_stream_row`."""
-    if not stream:
-        _affine1(xr, m, s, b, orow)
-        return
+def _affine1_streamed(xr, m, s, b, orow, buf):
+    """:func:`_affine1` into ``orow`` piece by piece through ``buf`` (``_STREAM_PIECE``
+    values) and :func:`_stream_row`."""
     L = xr.shape[0]
     for j0 in range(0, L, _STREAM_PIECE):
         j1 = min(j0 + _STREAM_PIECE, L)
@@ -517,38 +514,67 @@ def _affine1_to(xr, m, s, b, orow, buf, stream):
 
 
 @njit(parallel=True, **_JIT)
-def apply_cols(x, mean, scale, shift, out, nthreads, stream):
-    """``out[i, j] = (x[i, j] - mean[j]) * scale[j] + shift[j]`` for x (M, C).
-
-    With ``stream``, rows go out through :func:`_stream_row` (every row of ``out`` must
-    start on a 64-byte boundary)."""
+def apply_cols(x, mean, scale, shift, out):
+    """``out[i, j] = (x[i, j] - mean[j]) * scale[j] + shift[j]`` for x (M, C)."""
     M, C = x.shape
-    for t in prange(nthreads):
-        r0, r1 = _span(t, M, nthreads)
-        buf = np.empty(C if stream else 0, out.dtype)
-        for i in range(r0, r1):
-            if stream:
-                _affine_cols(x[i], mean, scale, shift, buf)
-                _stream_row(buf, out[i])
-            else:
-                _affine_cols(x[i], mean, scale, shift, out[i])
-        if stream:
-            _store_fence()
+    for i in prange(M):
+        for j in range(C):
+            out[i, j] = (x[i, j] - mean[j]) * scale[j] + shift[j]
 
 
 @njit(parallel=True, **_JIT)
-def apply_ncl(x, mean, scale, shift, out, nthreads, stream):
-    """``out[n, c, l] = (x[n, c, l] - mean[c]) * scale[c] + shift[c]`` for x (N, C, L);
-    ``stream`` as in :func:`apply_cols`, a row in pieces of ``_STREAM_PIECE`` values."""
+def apply_ncl(x, mean, scale, shift, out):
+    """``out[n, c, l] = (x[n, c, l] - mean[c]) * scale[c] + shift[c]`` for x (N, C, L)."""
+    N, C, L = x.shape
+    for i in prange(N):
+        for c in range(C):
+            m = mean[c]
+            s = scale[c]
+            b = shift[c]
+            xr = x[i, c]
+            orow = out[i, c]
+            for j in range(L):
+                orow[j] = (xr[j] - m) * s + b
+
+
+@njit(parallel=True, **_JIT)
+def apply_cols_streamed(x, mean, scale, shift, out, nthreads):
+    """:func:`apply_cols` with streaming stores: every row of ``out`` must start on a
+    64-byte boundary."""
+    M, C = x.shape
+    for t in prange(nthreads):
+        r0, r1 = _span(t, M, nthreads)
+        buf = np.empty(C, out.dtype)
+        for i in range(r0, r1):
+            _affine_cols(x[i], mean, scale, shift, buf)
+            _stream_row(buf, out[i])
+        _store_fence()
+
+
+@njit(parallel=True, **_JIT)
+def apply_ncl_streamed(x, mean, scale, shift, out, nthreads):
+    """:func:`apply_ncl` with streaming stores, a row in pieces of ``_STREAM_PIECE``
+    values; every row of ``out`` must start on a 64-byte boundary."""
     N, C, L = x.shape
     for t in prange(nthreads):
         r0, r1 = _span(t, N, nthreads)
-        buf = np.empty(min(L, _STREAM_PIECE) if stream else 0, out.dtype)
+        buf = np.empty(min(L, _STREAM_PIECE), out.dtype)
         for i in range(r0, r1):
             for c in range(C):
-                _affine1_to(x[i, c], mean[c], scale[c], shift[c], out[i, c], buf, stream)
+                _affine1_streamed(x[i, c], mean[c], scale[c], shift[c], out[i, c], buf)
+        _store_fence()
+
+
+def affine(x, mean, scale, shift, out, nthreads, stream):
+    """``out = (x - mean)·scale + shift`` per channel, for x (M, C) or (N, C, L); with
+    ``stream`` (``_memory.streaming``) through the streaming-store kernels."""
+    if x.ndim == 2:
         if stream:
-            _store_fence()
+            return apply_cols_streamed(x, mean, scale, shift, out, nthreads)
+        return apply_cols(x, mean, scale, shift, out)
+    if stream:
+        return apply_ncl_streamed(x, mean, scale, shift, out, nthreads)
+    return apply_ncl(x, mean, scale, shift, out)
 
 
 # ---------------------------------------------------------------------------
@@ -623,7 +649,7 @@ def _bn_dx1(g, x, m, a, b, c, d):
 
 @njit(**_JIT)
 def _bn_dx1_to(g, x, m, a, b, c, d, buf, stream):
-    """:func:`_bn_dx1` into ``d``, streamed as in :func:`_affine1_to`."""
+    """:func:`_bn_dx1` into ``d``; with ``stream``, as :func:`_affine1_streamed` does."""
     if not stream:
         _bn_dx1(g, x, m, a, b, c, d)
         return
@@ -635,35 +661,67 @@ def _bn_dx1_to(g, x, m, a, b, c, d, buf, stream):
 
 
 @njit(parallel=True, **_JIT)
-def bn_bwd_dx_cols(dy, x, mean, k1, k2, k3, dx, nthreads, stream):
-    """``dx = k1·dy + k2·(x - mean) + k3`` per channel, for (M, C) data; ``stream`` as
-    in :func:`apply_cols`."""
+def bn_bwd_dx_cols(dy, x, mean, k1, k2, k3, dx):
+    """``dx = k1·dy + k2·(x - mean) + k3`` per channel, for (M, C) data."""
     M, C = x.shape
-    for t in prange(nthreads):
-        r0, r1 = _span(t, M, nthreads)
-        buf = np.empty(C if stream else 0, dx.dtype)
-        for i in range(r0, r1):
-            if stream:
-                _bn_dx_cols(dy[i], x[i], mean, k1, k2, k3, buf)
-                _stream_row(buf, dx[i])
-            else:
-                _bn_dx_cols(dy[i], x[i], mean, k1, k2, k3, dx[i])
-        if stream:
-            _store_fence()
+    for i in prange(M):
+        for j in range(C):
+            dx[i, j] = k1[j] * dy[i, j] + k2[j] * (x[i, j] - mean[j]) + k3[j]
 
 
 @njit(parallel=True, **_JIT)
-def bn_bwd_dx_ncl(dy, x, mean, k1, k2, k3, dx, nthreads, stream):
-    """(N, C, L) twin of :func:`bn_bwd_dx_cols`; ``stream`` as in :func:`apply_ncl`."""
+def bn_bwd_dx_ncl(dy, x, mean, k1, k2, k3, dx):
+    """(N, C, L) twin of :func:`bn_bwd_dx_cols`."""
+    N, C, L = x.shape
+    for i in prange(N):
+        for c in range(C):
+            a = k1[c]
+            b = k2[c]
+            cc = k3[c]
+            m = mean[c]
+            gr = dy[i, c]
+            xr = x[i, c]
+            dr = dx[i, c]
+            for j in range(L):
+                dr[j] = a * gr[j] + b * (xr[j] - m) + cc
+
+
+@njit(parallel=True, **_JIT)
+def bn_bwd_dx_cols_streamed(dy, x, mean, k1, k2, k3, dx, nthreads):
+    """:func:`bn_bwd_dx_cols` with streaming stores, as :func:`apply_cols_streamed`."""
+    M, C = x.shape
+    for t in prange(nthreads):
+        r0, r1 = _span(t, M, nthreads)
+        buf = np.empty(C, dx.dtype)
+        for i in range(r0, r1):
+            _bn_dx_cols(dy[i], x[i], mean, k1, k2, k3, buf)
+            _stream_row(buf, dx[i])
+        _store_fence()
+
+
+@njit(parallel=True, **_JIT)
+def bn_bwd_dx_ncl_streamed(dy, x, mean, k1, k2, k3, dx, nthreads):
+    """:func:`bn_bwd_dx_ncl` with streaming stores, as :func:`apply_ncl_streamed`."""
     N, C, L = x.shape
     for t in prange(nthreads):
         r0, r1 = _span(t, N, nthreads)
-        buf = np.empty(min(L, _STREAM_PIECE) if stream else 0, dx.dtype)
+        buf = np.empty(min(L, _STREAM_PIECE), dx.dtype)
         for i in range(r0, r1):
             for c in range(C):
-                _bn_dx1_to(dy[i, c], x[i, c], mean[c], k1[c], k2[c], k3[c], dx[i, c], buf, stream)
+                _bn_dx1_to(dy[i, c], x[i, c], mean[c], k1[c], k2[c], k3[c], dx[i, c], buf, True)
+        _store_fence()
+
+
+def bn_dx(dy, x, mean, k1, k2, k3, dx, nthreads, stream):
+    """``dx = k1·dy + k2·(x - mean) + k3`` per channel, for (M, C) or (N, C, L) data;
+    ``stream`` as in :func:`affine`."""
+    if x.ndim == 2:
         if stream:
-            _store_fence()
+            return bn_bwd_dx_cols_streamed(dy, x, mean, k1, k2, k3, dx, nthreads)
+        return bn_bwd_dx_cols(dy, x, mean, k1, k2, k3, dx)
+    if stream:
+        return bn_bwd_dx_ncl_streamed(dy, x, mean, k1, k2, k3, dx, nthreads)
+    return bn_bwd_dx_ncl(dy, x, mean, k1, k2, k3, dx)
 
 
 # ---------------------------------------------------------------------------
@@ -955,7 +1013,8 @@ def online_bwd(dout, x, mu, var, u, v, alpha_f, alpha_b, eps, weight, update, dx
     Σ dout·(x - m_t) in one sweep, then dx.  The sums the recurrences need follow
     exactly: with ``e = m_t - μ``, ``Σ(x - μ)² = M2_t + L·e²`` (two non-negative
     terms) and ``Σ dout·(x - μ) = Σ dout·(x - m_t) + e·Σ dout``; ``⟨g̃·y⟩`` and
-    ``⟨dx⟩`` are linear in them.  ``stream`` as in :func:`apply_ncl` (train mode).
+    ``⟨dx⟩`` are linear in them.  With ``stream`` (train mode) dx goes out as in
+    :func:`bn_bwd_dx_ncl_streamed`.
     """
     N, C, L = x.shape
     cb = 1.0 - alpha_b

@@ -364,7 +364,7 @@ class StreamScaler(*_BASES):  # type: ignore[misc]
         out = _out_array(Xa, self.copy if copy is None else copy)
         if Xa.size:
             sub, mul, add = (zero, scale, mean) if inverse else (mean, 1.0 / scale, zero)
-            K.apply_cols(Xa, sub, mul, add, out, _moments.nthreads(), _memory.streaming(out, Xa.shape[1]))
+            K.affine(Xa, sub, mul, add, out, _moments.nthreads(), _memory.streaming(out, Xa.shape[1]))
         return out
 
     def fit_transform(self, X, y=None, sample_weight=None):

@@ -81,8 +81,8 @@ def test_kernels_write_the_same_bits_streamed(rng, dtype, nthreads):
     x, dy = (rng.normal(2, 3, (M, C)).astype(dtype) for _ in range(2))
     m, s, b, k3 = (rng.normal(size=C) for _ in range(4))
     for kernel, args in (
-        (K.apply_cols, (x, m, s, b)),
-        (K.bn_bwd_dx_cols, (dy, x, m, s, b, k3)),
+        (K.affine, (x, m, s, b)),
+        (K.bn_dx, (dy, x, m, s, b, k3)),
     ):
         plain, streamed = np.empty((M, C), dtype), _aligned(rng, (M, C), dtype)
         kernel(*args, plain, nthreads, False)
@@ -93,8 +93,8 @@ def test_kernels_write_the_same_bits_streamed(rng, dtype, nthreads):
     x3, dy3 = (rng.normal(2, 3, (3, 2, L)).astype(dtype) for _ in range(2))
     mc, sc, bc, kc = (rng.normal(size=2) for _ in range(4))
     for kernel, args in (
-        (K.apply_ncl, (x3, mc, sc, bc)),
-        (K.bn_bwd_dx_ncl, (dy3, x3, mc, sc, bc, kc)),
+        (K.affine, (x3, mc, sc, bc)),
+        (K.bn_dx, (dy3, x3, mc, sc, bc, kc)),
     ):
         plain, streamed = np.empty(x3.shape, dtype), _aligned(rng, x3.shape, dtype)
         kernel(*args, plain, nthreads, False)
