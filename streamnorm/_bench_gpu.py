@@ -126,6 +126,15 @@ def _ops(kind, shape, x, dy, w, b):
     return ours, theirs
 
 
+def _copy_bandwidth(cuda, timer, n: int) -> float:
+    """Device-to-device copy bandwidth in bytes per second (read plus write), median of
+    five timings of three copies of ``n`` float32 values; the arrays are freed after."""
+    src = cuda.to_device(np.ones(n, dtype=np.float32))
+    dst = cuda.device_array(n, dtype=np.float32)
+    copy_t = statistics.median(timer(lambda: dst.copy_to_device(src), 3) for _ in range(5))
+    return 2 * src.nbytes / copy_t
+
+
 def run(rows, repeat: int, inner: int, input_kind: str, size_mib: int) -> dict:
     from . import _cuda
 
@@ -142,13 +151,7 @@ def run(rows, repeat: int, inner: int, input_kind: str, size_mib: int) -> dict:
     if input_kind == "torch" and torch is None:
         input_kind = "numba"
     timer = _Timer(cuda, torch)
-    # device copy bandwidth
-    n = size_mib * MiB // 4
-    src = cuda.to_device(np.ones(n, dtype=np.float32))
-    dst = cuda.device_array(n, dtype=np.float32)
-    copy_t = statistics.median(timer(lambda: dst.copy_to_device(src), 3) for _ in range(5))
-    bw = 2 * src.nbytes / copy_t
-    del src, dst
+    bw = _copy_bandwidth(cuda, timer, size_mib * MiB // 4)
     rng = np.random.default_rng(0)
     out = []
     for op, kind, shape, passes in rows:
