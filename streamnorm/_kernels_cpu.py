@@ -8,7 +8,8 @@ Conventions
   range per thread, keep one partial state per thread, and merge the partial states
   serially with Chan's formula (no two threads write the same memory).  The number of
   ranges is passed in by the caller (``numba.get_num_threads()``), never read from a
-  global, so ``numba.set_num_threads`` is respected.
+  global, so ``numba.set_num_threads`` is respected.  The plain-Python dispatchers
+  (:func:`affine`, :func:`bn_dx`) read it at each call, which respects it too.
 * Reductions along a contiguous row are loops whose accumulating addition alone may
   be reassociated (LLVM's ``reassoc`` flag), so that they vectorize with accumulators
   in registers; the per-element terms are computed without fast-math flags (see the
@@ -22,11 +23,12 @@ from __future__ import annotations
 import llvmlite.binding as _llvm
 import numpy as np
 from llvmlite import ir as _ir
-from numba import njit, prange
+from numba import get_num_threads, njit, prange
 from numba.core import cgutils as _cgutils
 from numba.core import types as _types
 from numba.extending import intrinsic as _intrinsic
 
+from . import _memory
 from ._welford import chan_merge as _chan_py
 from ._welford import welford_add as _welford_py
 
@@ -565,15 +567,17 @@ def apply_ncl_streamed(x, mean, scale, shift, out, nthreads):
         _store_fence()
 
 
-def affine(x, mean, scale, shift, out, nthreads, stream):
-    """``out = (x - mean)·scale + shift`` per channel, for x (M, C) or (N, C, L); with
-    ``stream`` (``_memory.streaming``) through the streaming-store kernels."""
+def affine(x, mean, scale, shift, out):
+    """``out = (x - mean)·scale + shift`` per channel, for x (M, C) or (N, C, L), on
+    ``numba.get_num_threads()`` threads; through the streaming-store kernel when
+    ``_memory.streaming`` allows it for ``out`` (plain Python: it picks the kernel)."""
+    stream = _memory.streaming(out, x.shape[-1])
     if x.ndim == 2:
         if stream:
-            return apply_cols_streamed(x, mean, scale, shift, out, nthreads)
+            return apply_cols_streamed(x, mean, scale, shift, out, get_num_threads())
         return apply_cols(x, mean, scale, shift, out)
     if stream:
-        return apply_ncl_streamed(x, mean, scale, shift, out, nthreads)
+        return apply_ncl_streamed(x, mean, scale, shift, out, get_num_threads())
     return apply_ncl(x, mean, scale, shift, out)
 
 
@@ -648,11 +652,8 @@ def _bn_dx1(g, x, m, a, b, c, d):
 
 
 @njit(**_JIT)
-def _bn_dx1_to(g, x, m, a, b, c, d, buf, stream):
-    """:func:`_bn_dx1` into ``d``; with ``stream``, as :func:`_affine1_streamed` does."""
-    if not stream:
-        _bn_dx1(g, x, m, a, b, c, d)
-        return
+def _bn_dx1_streamed(g, x, m, a, b, c, d, buf):
+    """:func:`_bn_dx1` into ``d`` piece by piece, as :func:`_affine1_streamed`."""
     L = g.shape[0]
     for j0 in range(0, L, _STREAM_PIECE):
         j1 = min(j0 + _STREAM_PIECE, L)
@@ -708,19 +709,20 @@ def bn_bwd_dx_ncl_streamed(dy, x, mean, k1, k2, k3, dx, nthreads):
         buf = np.empty(min(L, _STREAM_PIECE), dx.dtype)
         for i in range(r0, r1):
             for c in range(C):
-                _bn_dx1_to(dy[i, c], x[i, c], mean[c], k1[c], k2[c], k3[c], dx[i, c], buf, True)
+                _bn_dx1_streamed(dy[i, c], x[i, c], mean[c], k1[c], k2[c], k3[c], dx[i, c], buf)
         _store_fence()
 
 
-def bn_dx(dy, x, mean, k1, k2, k3, dx, nthreads, stream):
+def bn_dx(dy, x, mean, k1, k2, k3, dx):
     """``dx = k1·dy + k2·(x - mean) + k3`` per channel, for (M, C) or (N, C, L) data;
-    ``stream`` as in :func:`affine`."""
+    threads and kernel chosen as in :func:`affine`."""
+    stream = _memory.streaming(dx, x.shape[-1])
     if x.ndim == 2:
         if stream:
-            return bn_bwd_dx_cols_streamed(dy, x, mean, k1, k2, k3, dx, nthreads)
+            return bn_bwd_dx_cols_streamed(dy, x, mean, k1, k2, k3, dx, get_num_threads())
         return bn_bwd_dx_cols(dy, x, mean, k1, k2, k3, dx)
     if stream:
-        return bn_bwd_dx_ncl_streamed(dy, x, mean, k1, k2, k3, dx, nthreads)
+        return bn_bwd_dx_ncl_streamed(dy, x, mean, k1, k2, k3, dx, get_num_threads())
     return bn_bwd_dx_ncl(dy, x, mean, k1, k2, k3, dx)
 
 
@@ -1044,7 +1046,10 @@ def online_bwd(dout, x, mu, var, u, v, alpha_f, alpha_b, eps, weight, update, dx
                     k2 = cb * vc * inv * inv
                     k3 = cb * uc
                     # with -b and -c: a·g - b·(x - m) - c, bit for bit
-                    _bn_dx1_to(gr, xr, m, k1, -k2, -k3, dr, buf, stream)
+                    if stream:
+                        _bn_dx1_streamed(gr, xr, m, k1, -k2, -k3, dr, buf)
+                    else:
+                        _bn_dx1(gr, xr, m, k1, -k2, -k3, dr)
                     v[c] = vc + (w * sgy - cb * vc * syy) / L
                     u[c] = uc + (k1 * sg - k2 * (L * e) - L * k3) / L
                     mu[c], var[c] = _online_advance(m, var[c], mt, m2 / L, alpha_f)

@@ -374,7 +374,7 @@ def _affine_block(block, params, check_inf):
     if x.size:
         p = np.asarray(params)
         _launch(
-            lambda *a: K.affine(*a, _moments.nthreads(), _memory.streaming(out, x.shape[1])),
+            K.affine,
             x,
             np.ascontiguousarray(p["sub"]),
             np.ascontiguousarray(p["mul"]),

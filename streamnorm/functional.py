@@ -261,7 +261,7 @@ def _bn_normalize(x, x3, cols, mu, var, w, b, eps, out=None):
     shift = np.zeros(mu.shape[0]) if b is None else b
     y = _output(out, x, x3.shape)
     if y.size:
-        K.affine(x3, mu, scale, shift, y, _moments.nthreads(), _memory.streaming(y, x3.shape[-1]))
+        K.affine(x3, mu, scale, shift, y)
     return y.reshape(x.shape), rstd
 
 
@@ -471,7 +471,7 @@ def batch_norm_backward(dy, cache: BatchNormCache, out: np.ndarray | None = None
         q = 1.0 - cache.prior_weight
         k2 = -g * r * r * q * cache.var_factor * dweight / m
         k3 = -k1 * q * s1 / m
-        K.bn_dx(dy3, x3, center, k1, k2, k3, dx, nt, _memory.streaming(dx, x3.shape[-1]))
+        K.bn_dx(dy3, x3, center, k1, k2, k3, dx)
     return dx.reshape(out_shape), dweight, dbias
 
 
@@ -700,7 +700,7 @@ def sync_batch_norm_backward(dy, cache: SyncBatchNormCache, comm=None):
         m = float(cache.count)
         k2 = -g * r * r * dweight / m
         k3 = -k1 * s1 / m
-        K.bn_dx(dy3, x3, loc.mean, k1, k2, k3, dx, _moments.nthreads(), _memory.streaming(dx, x3.shape[-1]))
+        K.bn_dx(dy3, x3, loc.mean, k1, k2, k3, dx)
     return dx.reshape(dy.shape), dweight, dbias
 
 
@@ -1406,7 +1406,7 @@ def online_norm_forward(
         elif training:
             K.online_fwd(x3, new_mu, new_var, float(alpha_fwd), eps, wk, bk, y, _moments.nthreads())
         else:
-            K.affine(x3, mu0, wk / np.sqrt(var0 + eps), bk, y, _moments.nthreads(), _memory.streaming(y, x3.shape[2]))
+            K.affine(x3, mu0, wk / np.sqrt(var0 + eps), bk, y)
     pre = None
     if ecm == "ac":
         pre = y

@@ -11,7 +11,7 @@ from typing import Any, Iterable, Iterator, Literal
 import numpy as np
 
 from . import _kernels_cpu as K
-from . import _memory, _moments
+from . import _memory
 from ._validation import as_float_array
 from .stats import RunningStats, _is_dask_array
 
@@ -364,7 +364,7 @@ class StreamScaler(*_BASES):  # type: ignore[misc]
         out = _out_array(Xa, self.copy if copy is None else copy)
         if Xa.size:
             sub, mul, add = (zero, scale, mean) if inverse else (mean, 1.0 / scale, zero)
-            K.affine(Xa, sub, mul, add, out, _moments.nthreads(), _memory.streaming(out, Xa.shape[1]))
+            K.affine(Xa, sub, mul, add, out)
         return out
 
     def fit_transform(self, X, y=None, sample_weight=None):

@@ -80,25 +80,25 @@ def test_kernels_write_the_same_bits_streamed(rng, dtype, nthreads):
     M, C = 37, 48  # rows of 3 lines (float32) or 6 (float64)
     x, dy = (rng.normal(2, 3, (M, C)).astype(dtype) for _ in range(2))
     m, s, b, k3 = (rng.normal(size=C) for _ in range(4))
-    for kernel, args in (
-        (K.affine, (x, m, s, b)),
-        (K.bn_dx, (dy, x, m, s, b, k3)),
+    for plain_kernel, streamed_kernel, args in (
+        (K.apply_cols, K.apply_cols_streamed, (x, m, s, b)),
+        (K.bn_bwd_dx_cols, K.bn_bwd_dx_cols_streamed, (dy, x, m, s, b, k3)),
     ):
         plain, streamed = np.empty((M, C), dtype), _aligned(rng, (M, C), dtype)
-        kernel(*args, plain, nthreads, False)
-        kernel(*args, streamed, nthreads, True)
+        plain_kernel(*args, plain)
+        streamed_kernel(*args, streamed, nthreads)
         np.testing.assert_array_equal(streamed, plain)
     # (N, C, L) rows longer than one piece, and a short last piece
     L = K._STREAM_PIECE + 80
     x3, dy3 = (rng.normal(2, 3, (3, 2, L)).astype(dtype) for _ in range(2))
     mc, sc, bc, kc = (rng.normal(size=2) for _ in range(4))
-    for kernel, args in (
-        (K.affine, (x3, mc, sc, bc)),
-        (K.bn_dx, (dy3, x3, mc, sc, bc, kc)),
+    for plain_kernel, streamed_kernel, args in (
+        (K.apply_ncl, K.apply_ncl_streamed, (x3, mc, sc, bc)),
+        (K.bn_bwd_dx_ncl, K.bn_bwd_dx_ncl_streamed, (dy3, x3, mc, sc, bc, kc)),
     ):
         plain, streamed = np.empty(x3.shape, dtype), _aligned(rng, x3.shape, dtype)
-        kernel(*args, plain, nthreads, False)
-        kernel(*args, streamed, nthreads, True)
+        plain_kernel(*args, plain)
+        streamed_kernel(*args, streamed, nthreads)
         np.testing.assert_array_equal(streamed, plain)
 
 
