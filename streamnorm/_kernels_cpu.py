@@ -16,6 +16,8 @@ Conventions
   row helpers below).  Column reductions vectorize across columns as written.
 * The row-norm backward may also fuse a multiply and an add into one FMA (one
   rounding instead of two).  No other fast-math flag: accuracy comes first.
+* The OnlineNorm (N, C) kernels fuse chosen multiply-adds explicitly (:func:`_fma`),
+  so that the backward's replay of the state rounds exactly as the forward did.
 """
 
 from __future__ import annotations
@@ -69,6 +71,30 @@ def _prefetch(typingctx, arr, a, i, j):
         # (address, read, locality 2 = keep in L2 and beyond, data cache)
         builder.call(fn, [vp, _ir.Constant(i32, 0), _ir.Constant(i32, 2), _ir.Constant(i32, 1)])
         return context.get_dummy_value()
+
+    return sig, codegen
+
+
+# ---------------------------------------------------------------------------
+# Fused multiply-add
+# ---------------------------------------------------------------------------
+
+
+@_intrinsic
+def _fma(typingctx, a, b, c):
+    """``a·b + c`` on float64 with one rounding (LLVM's ``llvm.fma``, one instruction on
+    every x86-64 core since 2013 and on every ARM64 core; a correctly rounded library
+    call elsewhere).  Unlike the ``contract`` fast-math flag, which lets the compiler
+    fuse or not at each site, it gives the same bits wherever it is written, so a
+    recurrence that one kernel runs and another replays stays identical.  LLVM
+    vectorizes it like any arithmetic."""
+    f64 = _types.float64
+    sig = f64(f64, f64, f64)
+
+    def codegen(context, builder, signature, args):
+        d = _ir.DoubleType()
+        fn = builder.module.declare_intrinsic("llvm.fma", [d], _ir.FunctionType(d, [d, d, d]))
+        return builder.call(fn, args)
 
     return sig, codegen
 
@@ -965,9 +991,13 @@ def _online_advance(m, v, mt, st, a):
 
 @njit(inline="always", **_JIT)
 def _online_advance1(m, v, xv, a):
-    """:func:`_online_advance` for a sample of one value (st = 0, its term left out)."""
+    """:func:`_online_advance` for a sample of one value (st = 0, its term left out),
+    for the (N, C) kernels: ``μ + (1 - α)δ`` and ``α σ² + (α(1 - α)δ)·δ`` each end in
+    one fused multiply-add (:func:`_fma`), one rounding fewer than written out, and
+    the same bits in the forward and in the backward that replays it.  A σ² that
+    starts at 0 or above stays so."""
     d = xv - m
-    return m + (1.0 - a) * d, a * v + a * (1.0 - a) * d * d
+    return _fma(1.0 - a, d, m), _fma(a * (1.0 - a) * d, d, a * v)
 
 
 @njit(parallel=True, **_JIT)
@@ -1076,21 +1106,37 @@ def _inv_sqrt(s, approx):
 
     Exact (``1.0/np.sqrt(s)``, two correctly rounded operations) unless ``approx``;
     then a float32 start, ``1/sqrt(float32(s))`` (relative error below 2^-22), refined
-    by one float64 Newton step ``r·(3/2 - s·r²/2)``, whose relative error is below
-    1.5·(2^-22)² + a few float64 roundings, about 2^-42.  That is far below a float32
-    output's half ulp (2^-24), and float32's square root and division run several
-    times faster than float64's.  Valid for s in [_RSQRT_LO, _RSQRT_HI]: callers
-    check (:func:`_out_of_rsqrt_range`) and recompute exactly outside.
+    by one float64 Newton step ``r·(3/2 - s·r²/2)`` (its last multiply-add fused),
+    whose relative error is below 1.5·(2^-22)² + a few float64 roundings, about
+    2^-42.  That is far below a float32 output's half ulp (2^-24), and float32's square
+    root and division run several times faster than float64's.  Valid for s in
+    [_RSQRT_LO, _RSQRT_HI]: the kernels take the start only where
+    :func:`_rsqrt_start_ok` holds, which keeps s above the low end, check each s
+    against the high end (:func:`_above_rsqrt_range`), and recompute exactly past it.
     """
     if approx:
         r = np.float64(np.float32(1.0) / np.sqrt(np.float32(s)))
-        return r * (1.5 - (0.5 * s) * (r * r))
+        return r * _fma(-0.5 * s, r * r, 1.5)
     return 1.0 / np.sqrt(s)
 
 
+@njit(**_JIT)
+def _rsqrt_start_ok(v_, eps):
+    """Whether a block whose carried σ² start at ``v_`` keeps every ``σ² + eps`` at or
+    above ``_RSQRT_LO``: :func:`_online_advance1` never lowers a σ² below 0, so
+    ``eps >= _RSQRT_LO`` and no negative start suffice (a NaN start stays NaN on
+    either path)."""
+    if eps < _RSQRT_LO:
+        return False
+    for c in range(v_.shape[0]):
+        if v_[c] < 0.0:
+            return False
+    return True
+
+
 @njit(inline="always", **_JIT)
-def _out_of_rsqrt_range(s):
-    return (s < _RSQRT_LO) | (s > _RSQRT_HI)
+def _above_rsqrt_range(s):
+    return s > _RSQRT_HI
 
 
 #: channels a thread must own for the (N, C) kernels to take several samples per sweep:
@@ -1101,7 +1147,7 @@ _ONLINE_WIDE = 1024
 @njit(inline="always", **_JIT)
 def _online_fwd_step(xv, m, v, w, b, a, eps, approx):
     """One sample of one channel (L = 1): (output, new μ, new σ²)."""
-    y = (xv - m) * (w * _inv_sqrt(v + eps, approx)) + b
+    y = _fma(xv - m, w * _inv_sqrt(v + eps, approx), b)
     m1, v1 = _online_advance1(m, v, xv, a)
     return y, m1, v1
 
@@ -1117,13 +1163,13 @@ def _online_fwd_rows4(x0, x1, x2, x3, o0, o1, o2, o3, m_, v_, w_, b_, a, eps, ap
         b = b_[c]
         m = m_[c]
         v = v_[c]
-        bad |= _out_of_rsqrt_range(v + eps)
+        bad |= _above_rsqrt_range(v + eps)
         o0[c], m, v = _online_fwd_step(np.float64(x0[c]), m, v, w, b, a, eps, approx)
-        bad |= _out_of_rsqrt_range(v + eps)
+        bad |= _above_rsqrt_range(v + eps)
         o1[c], m, v = _online_fwd_step(np.float64(x1[c]), m, v, w, b, a, eps, approx)
-        bad |= _out_of_rsqrt_range(v + eps)
+        bad |= _above_rsqrt_range(v + eps)
         o2[c], m, v = _online_fwd_step(np.float64(x2[c]), m, v, w, b, a, eps, approx)
-        bad |= _out_of_rsqrt_range(v + eps)
+        bad |= _above_rsqrt_range(v + eps)
         o3[c], m, v = _online_fwd_step(np.float64(x3[c]), m, v, w, b, a, eps, approx)
         m_[c] = m
         v_[c] = v
@@ -1151,7 +1197,7 @@ def _online_fwd_block(x, out, m_, v_, w_, b_, c0, a, eps, approx):
         for c in range(c1 - c0):
             m = m_[c]
             v = v_[c]
-            bad |= _out_of_rsqrt_range(v + eps)
+            bad |= _above_rsqrt_range(v + eps)
             y, m, v = _online_fwd_step(np.float64(xr[c]), m, v, w_[c], b_[c], a, eps, approx)
             orow[c] = y
             m_[c] = m
@@ -1167,9 +1213,11 @@ def online_fwd_cols(x, mu, var, alpha_f, eps, weight, bias, out, nthreads, appro
     its block's state in arrays of its own (written back at the end), so that no cache
     line of state is written by two threads, and taking four samples per sweep of a
     wide block so that the state is read and written once for four.  With ``approx``
-    (float32 data) the scale comes from :func:`_inv_sqrt`'s refined float32 start; a
-    thread whose block met a ``var + eps`` outside that start's range recomputes the
-    block from its start state with the exact scale.  The helpers take row slices
+    (float32 data) the scale comes from :func:`_inv_sqrt`'s refined float32 start,
+    unless :func:`_rsqrt_start_ok` refuses the block's start; a thread whose block met
+    a ``var + eps`` above that start's range recomputes the block from its start state
+    with the exact scale.  Multiply-adds are fused (:func:`_fma`) in the output and in
+    the state's update, here and in the backward alike.  The helpers take row slices
     indexed from 0 (numba's negative-index wraparound check would otherwise stop LLVM
     from vectorizing them).
     """
@@ -1180,7 +1228,8 @@ def online_fwd_cols(x, mu, var, alpha_f, eps, weight, bias, out, nthreads, appro
         v_ = var[c0:c1].copy()
         w_ = weight[c0:c1]
         b_ = bias[c0:c1]
-        if _online_fwd_block(x, out, m_, v_, w_, b_, c0, alpha_f, eps, approx) and approx:
+        ap = approx and _rsqrt_start_ok(v_, eps)
+        if _online_fwd_block(x, out, m_, v_, w_, b_, c0, alpha_f, eps, ap) and ap:
             m_[:] = mu[c0:c1]
             v_[:] = var[c0:c1]
             _online_fwd_block(x, out, m_, v_, w_, b_, c0, alpha_f, eps, False)
@@ -1193,10 +1242,10 @@ def _online_bwd_step(xv, go, m, vv, u, vc, w, dw, db, a, cb, eps, approx):
     """One sample of one channel (L = 1, train mode): (dx, μ, σ², u, v, Σdz·y, Σdz) after it."""
     inv = _inv_sqrt(vv + eps, approx)
     y = (xv - m) * inv
-    gt = go * w - cb * vc * y
-    d = gt * inv - cb * u
+    gt = _fma(-cb * vc, y, go * w)
+    d = _fma(gt, inv, -cb * u)
     m1, v1 = _online_advance1(m, vv, xv, a)
-    return d, m1, v1, u + d, vc + gt * y, dw + go * y, db + go
+    return d, m1, v1, u + d, _fma(gt, y, vc), _fma(go, y, dw), db + go
 
 
 @njit(**_JIT)
@@ -1207,11 +1256,11 @@ def _online_bwd_rows2(x0, x1, g0, g1, d0, d1, m_, v_, u_, vc_, w_, dw_, db_, a, 
     for c in range(m_.shape[0]):
         w = w_[c]
         m, vv, u, vc, dw, db = m_[c], v_[c], u_[c], vc_[c], dw_[c], db_[c]
-        bad |= _out_of_rsqrt_range(vv + eps)
+        bad |= _above_rsqrt_range(vv + eps)
         d0[c], m, vv, u, vc, dw, db = _online_bwd_step(
             np.float64(x0[c]), np.float64(g0[c]), m, vv, u, vc, w, dw, db, a, cb, eps, approx
         )
-        bad |= _out_of_rsqrt_range(vv + eps)
+        bad |= _above_rsqrt_range(vv + eps)
         d1[c], m, vv, u, vc, dw, db = _online_bwd_step(
             np.float64(x1[c]), np.float64(g1[c]), m, vv, u, vc, w, dw, db, a, cb, eps, approx
         )
@@ -1239,7 +1288,7 @@ def _online_bwd_block(dout, x, dx, m_, v_, u_, vc_, w_, dw_, db_, c0, a, cb, eps
         dr = dx[n1, c0:c1]
         for c in range(c1 - c0):
             m, vv, uc, vc, sw, sb = m_[c], v_[c], u_[c], vc_[c], dw_[c], db_[c]
-            bad |= _out_of_rsqrt_range(vv + eps)
+            bad |= _above_rsqrt_range(vv + eps)
             d, m, vv, uc, vc, sw, sb = _online_bwd_step(
                 np.float64(xr[c]), np.float64(gr[c]), m, vv, uc, vc, w_[c], sw, sb, a, cb, eps, approx
             )
@@ -1267,7 +1316,8 @@ def online_bwd_cols(dout, x, mu, var, u, v, alpha_f, alpha_b, eps, weight, updat
         dw_ = np.zeros(c1 - c0)
         db_ = np.zeros(c1 - c0)
         if update:
-            if _online_bwd_block(dout, x, dx, m_, v_, u_, vc_, w_, dw_, db_, c0, alpha_f, cb, eps, approx) and approx:
+            ap = approx and _rsqrt_start_ok(v_, eps)
+            if _online_bwd_block(dout, x, dx, m_, v_, u_, vc_, w_, dw_, db_, c0, alpha_f, cb, eps, ap) and ap:
                 m_[:] = mu[c0:c1]
                 v_[:] = var[c0:c1]
                 u_[:] = u[c0:c1]

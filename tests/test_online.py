@@ -226,8 +226,9 @@ def test_float32_scale_path_is_within_a_rounding_of_the_exact_one(rng):
 
 
 # beyond float32's largest value, and below its smallest normal one: the float32 start
-# would be inf or a subnormal, and the scale wrong
-@pytest.mark.parametrize("var0, eps", [(1e39, 1e-5), (0.0, 1e-45)])
+# would be inf or a subnormal, and the scale wrong; a negative start can bring
+# var + eps to 0 (an infinite scale, a NaN after the Newton step)
+@pytest.mark.parametrize("var0, eps", [(1e39, 1e-5), (0.0, 1e-45), (-1e-5, 1e-5)])
 def test_variance_outside_the_float32_range_falls_back_to_the_exact_scale(rng, var0, eps):
     N, C = 5, 300  # 1200 bytes a row: above one thread's minimum share
     x = rng.standard_normal((N, C)).astype(np.float32)
@@ -248,6 +249,25 @@ def test_variance_outside_the_float32_range_falls_back_to_the_exact_scale(rng, v
     dx, dw, db, u, v = F.online_norm_backward(g, cache, np.full(C, 0.3), np.full(C, -0.2), alpha_bkw=0.8)
     for a, e in zip((dx, dw, db, u, v), _bwd_cols(g, x, mu, var, w, 1, False, eps=eps)):
         np.testing.assert_array_equal(a, e)
+
+
+@pytest.mark.parametrize("approx", [True, False])
+def test_cols_backward_replays_the_forward_state_bit_for_bit(rng, approx):
+    # the backward recomputes the state sample by sample; with its multiply-adds fused
+    # explicitly it must end on the very bits the forward carried out
+    from streamnorm import _kernels_cpu as K
+
+    N, C = 11, 2100
+    x = (rng.standard_normal((N, C)) * 3 + 1).astype(np.float32)
+    g = rng.standard_normal((N, C)).astype(np.float32)
+    mu, var = rng.standard_normal(C), rng.uniform(0.1, 10, C)
+    w = rng.standard_normal(C)
+    for nt in (1, 2):
+        _, fmu, fvar = _fwd_cols(x, mu, var, w, np.zeros(C), nt, approx, alpha=0.7)
+        bmu, bvar = mu.copy(), var.copy()
+        K.online_bwd_cols(g, x, bmu, bvar, np.zeros(C), np.zeros(C), 0.7, 0.8, 1e-5, w, True, np.empty_like(x), nt, approx)
+        np.testing.assert_array_equal(bmu, fmu)
+        np.testing.assert_array_equal(bvar, fvar)
 
 
 @pytest.mark.parametrize("C", [23, 2100])
