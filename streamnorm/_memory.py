@@ -25,9 +25,7 @@ def empty(shape, dtype) -> np.ndarray:
     nbytes = n * dtype.itemsize
     if nbytes < STREAM_MIN_BYTES:
         return np.empty(shape, dtype=dtype)
-    raw = np.empty(nbytes + LINE, dtype=np.uint8)
-    skip = -raw.ctypes.data % LINE
-    return raw[skip : skip + nbytes].view(dtype).reshape(shape)
+    return reuse(np.empty(nbytes + LINE, dtype=np.uint8), shape, dtype)
 
 
 def owner(y: np.ndarray) -> np.ndarray | None:
@@ -51,12 +49,12 @@ def reuse(buf: np.ndarray, shape, dtype) -> np.ndarray | None:
     laid out as :func:`empty` would; None when it does not fit."""
     dtype = np.dtype(dtype)
     n = int(np.prod(shape, dtype=np.int64))
-    if buf.dtype == dtype and buf.size == n:
-        return buf.reshape(shape)
     nbytes = n * dtype.itemsize
     if buf.dtype == np.uint8 and buf.nbytes == nbytes + LINE:
         skip = -buf.ctypes.data % LINE
         return buf[skip : skip + nbytes].view(dtype).reshape(shape)
+    if buf.dtype == dtype and buf.size == n:
+        return buf.reshape(shape)
     return None
 
 
