@@ -4,6 +4,7 @@ against streamnorm on small inputs."""
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 
 import numpy as np
@@ -60,6 +61,15 @@ def test_small_report_writes_json_and_png(tmp_path, capsys):
         assert r["copy_gbps"] > 0 and "copy" not in r["peers_ms"], r
         # the bound uses the higher of the run's and the row's copy bandwidth
         assert r["bound_fraction"] == pytest.approx(r["gbps"] / max(r["copy_gbps"], data["bandwidth_Bps"] / 1e9))
+        # every round is kept; the medians and the best round follow from them
+        rounds = r["rounds_ms"]
+        assert set(rounds) == {"ours", "copy", *r["peers_ms"]}
+        assert all(len(v) == 1 and v[0] > 0 for v in rounds.values()), rounds
+        assert r["streamnorm_ms"] == pytest.approx(statistics.median(rounds["ours"]))
+        traffic_gb = r["gbps"] * r["streamnorm_ms"] / 1e3
+        copy_gb = r["copy_gbps"] * statistics.median(rounds["copy"]) / 1e3  # bytes of one copy
+        best_bw = max(copy_gb / (min(rounds["copy"]) / 1e3), data["bandwidth_Bps"] / 1e9)
+        assert r["best_fraction"] == pytest.approx(traffic_gb / best_bw / (min(rounds["ours"]) / 1e3))
         assert "NumPy" in r["peers_ms"], r["op"]
         assert set(r["speedup"]) == set(r["peers_ms"])
         for peer, ms in r["peers_ms"].items():
@@ -129,6 +139,36 @@ def test_rounds_rotate_so_that_ours_does_not_always_follow_the_same_peer():
         ["PyTorch", "ours", "copy", "NumPy"],
     ]
     assert set(row.peers_ms) == {"NumPy", "PyTorch"}
+    assert {k: len(v) for k, v in row.rounds_ms.items()} == {"ours": 3, "copy": 3, "NumPy": 3, "PyTorch": 3}
+
+
+def test_best_round_pairs_the_fastest_call_with_the_fastest_copy(monkeypatch):
+    """Medians for the headline fraction; the fastest round of ours against the fastest
+    copy for the best one, each bandwidth floored by the run's."""
+    ticks = iter([0.0, 4.0, 4.0, 6.0,  # ours 4 s, copy 2 s
+                  6.0, 8.0, 8.0, 9.0,  # ours 2 s, copy 1 s
+                  9.0, 12.0, 12.0, 16.0])  # ours 3 s, copy 4 s
+    monkeypatch.setattr(B.time, "perf_counter", lambda: next(ticks))
+
+    class Probe(B.CopyProbe):
+        def __init__(self):
+            self.nbytes = 8.0  # bytes per copy
+
+        def __call__(self):
+            pass
+
+    case = B.Case("op", (2, 2), "float32", 2, 3, lambda: None, {})  # traffic 6 bytes
+    row = B.run_case(case, 1.0, 3, Probe())
+    assert row.rounds_ms == {"ours": [4e3, 2e3, 3e3], "copy": [2e3, 1e3, 4e3]}
+    assert row.streamnorm_ms == pytest.approx(3e3)
+    assert row.copy_gbps == pytest.approx(8.0 / 2.0 / 1e9)  # median copy 2 s
+    assert row.bound_fraction == pytest.approx((6.0 / 4.0) / 3.0)  # bound at 4 B/s over 3 s
+    assert row.best_fraction == pytest.approx((6.0 / 8.0) / 2.0)  # bound at 8 B/s over 2 s
+    # a run bandwidth above every copy's sets both bounds
+    ticks = iter([0.0, 4.0, 4.0, 6.0, 6.0, 8.0, 8.0, 9.0, 9.0, 12.0, 12.0, 16.0])
+    row = B.run_case(case, 100.0, 3, Probe())
+    assert row.bound_fraction == pytest.approx((6.0 / 100.0) / 3.0)
+    assert row.best_fraction == pytest.approx((6.0 / 100.0) / 2.0)
 
 
 def test_table_puts_numpy_first():
