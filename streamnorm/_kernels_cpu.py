@@ -556,13 +556,7 @@ def apply_ncl(x, mean, scale, shift, out):
     N, C, L = x.shape
     for i in prange(N):
         for c in range(C):
-            m = mean[c]
-            s = scale[c]
-            b = shift[c]
-            xr = x[i, c]
-            orow = out[i, c]
-            for j in range(L):
-                orow[j] = (xr[j] - m) * s + b
+            _affine1(x[i, c], mean[c], scale[c], shift[c], out[i, c])
 
 
 @njit(parallel=True, **_JIT)
@@ -926,12 +920,7 @@ def groupnorm_fwd(x, weight, bias, G, eps, out, mean, var, rstd, nthreads):
             g = i % G
             for ci in range(Cg):
                 c = g * Cg + ci
-                s = r * weight[c]
-                b = bias[c]
-                xr = x[i, ci]
-                orow = out[i, ci]
-                for j in range(L):
-                    orow[j] = (xr[j] - mu) * s + b
+                _affine1(x[i, ci], mu, r * weight[c], bias[c], out[i, ci])
 
 
 @njit(parallel=True, **_JIT)
