@@ -28,6 +28,22 @@ def empty(shape, dtype) -> np.ndarray:
     return reuse(np.empty(nbytes + LINE, dtype=np.uint8), shape, dtype)
 
 
+def lined(a: np.ndarray) -> np.ndarray:
+    """``a`` (C-contiguous) when it starts on a 64-byte boundary, else a copy that does.
+
+    For the per-feature vectors (weights, biases, scales) that a kernel reads beside
+    every row of the data: numpy starts small arrays 16 bytes past a line, and a
+    vector load that straddles two lines costs a row-wise forward a sixth of its time
+    or more."""
+    if a.ctypes.data % LINE == 0:
+        return a
+    buf = np.empty(a.nbytes + LINE, dtype=np.uint8)
+    skip = -buf.ctypes.data % LINE
+    out = buf[skip : skip + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
 def owner(y: np.ndarray) -> np.ndarray | None:
     """The array that owns ``y``'s memory (numpy makes it the ``base`` of every view,
     so that anyone holding a view holds it), when that memory is y's alone: y's own

@@ -78,7 +78,7 @@ def _vec(v, n: int, name: str) -> np.ndarray | None:
         raise TypeError(f"{name} has dtype {a.dtype}; expected real numbers")
     if a.size != n:
         raise ValueError(f"{name} has {a.size} values, expected {n}")
-    return np.ascontiguousarray(a, dtype=np.float64).reshape(n)
+    return _memory.lined(np.ascontiguousarray(a, dtype=np.float64).reshape(n))
 
 
 def _out_dtype(*arrays: np.ndarray) -> np.dtype:
@@ -453,13 +453,11 @@ def batch_norm_backward(dy, cache: BatchNormCache, out: np.ndarray | None = None
     g = np.ones(C) if cache.weight is None else cache.weight
     k1 = g * r
     dx = _output(out, dy, shape, _out_dtype(x3, dy3), (x3,))
-    sums = K.bn_bwd_sums_cols if cache.cols else K.bn_bwd_sums_ncl
-    nt = _moments.nthreads()
     # the sums are taken around the batch mean where there is one (the dx kernel needs
     # x - μ_b), and Σdy(x - μ) follows from Σdy(x - μ_b) + (μ_b - μ)·Σdy
     center = cache.batch_mean if cache.batch_stats else cache.mean
     if dx.size:
-        s1, s2 = sums(dy3, x3, center, k1, dx, not cache.batch_stats, nt)
+        s1, s2 = K.bn_sums(dy3, x3, center, k1, dx, not cache.batch_stats)
     else:
         s1, s2 = np.zeros(C), np.zeros(C)
     if cache.batch_stats:
@@ -682,8 +680,7 @@ def sync_batch_norm_backward(dy, cache: SyncBatchNormCache, comm=None):
             dy3 = np.ascontiguousarray(dy3)
         dx = _memory.empty(x3.shape, _out_dtype(x3, dy3))
         if dx.size:
-            sums = K.bn_bwd_sums_cols if loc.cols else K.bn_bwd_sums_ncl
-            part = sums(dy3, x3, loc.mean, k1, dx, False, _moments.nthreads())
+            part = K.bn_sums(dy3, x3, loc.mean, k1, dx, False)
         else:
             part = (np.zeros(C), np.zeros(C))
         error = None
@@ -777,8 +774,8 @@ def _rownorm_forward(x, normalized_shape, weight, bias, eps, center, out=None):
     x2 = np.ascontiguousarray(canonical_view(x, (R, D)))  # rows must be contiguous
     w = _vec(weight, D, "weight")
     b = _vec(bias, D, "bias")
-    wk = np.ones(D) if w is None else w
-    bk = np.zeros(D) if b is None else b
+    wk = _memory.lined(np.ones(D)) if w is None else w
+    bk = _memory.lined(np.zeros(D)) if b is None else b
     y = _output(out, x, (R, D))
     mean = np.empty(R)
     rstd = np.empty(R)

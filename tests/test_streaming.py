@@ -63,6 +63,20 @@ def test_owner_is_the_allocation_that_every_view_holds(monkeypatch):
     assert _memory.reuse(o, (2, 12), np.float64) is None
 
 
+def test_lined_vectors_start_on_a_line_with_the_same_values(rng):
+    v = rng.standard_normal(40)
+    for off in range(0, 64, 8):  # every placement a float64 vector can have
+        buf = np.empty(v.nbytes + 128, np.uint8)
+        a = buf[(-buf.ctypes.data % 64) + off :][: v.nbytes].view(np.float64)
+        a[:] = v
+        b = _memory.lined(a)
+        assert b.ctypes.data % _memory.LINE == 0 and np.array_equal(b, v)
+        assert (b is a) == (off == 0)  # copied only when it has to be
+        c = K._lined(a)
+        assert c.ctypes.data % _memory.LINE == 0 and np.array_equal(c, v)
+        assert not np.may_share_memory(c, a)
+
+
 def test_streaming_needs_size_alignment_and_whole_lines(monkeypatch):
     monkeypatch.setattr(_memory, "STREAM_MIN_BYTES", 1024)
     a = _memory.empty((64, 16), np.float32)  # 4 KiB, rows of one line
