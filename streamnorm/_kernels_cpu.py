@@ -268,22 +268,22 @@ def _span(t, n, nthreads):
 
 
 @njit(**_JIT)
-def _lined_empty(n):
-    """An uninitialized (n,) float64 vector that starts on a 64-byte boundary.
+def _lined_empty(n, dtype):
+    """An uninitialized (n,) vector of ``dtype`` that starts on a 64-byte boundary.
 
     numba's own allocations start 32 bytes past one (numpy's 16).  A vector that a
-    kernel sweeps beside every row of the data (per-feature sums, state, weights) in
-    vector loads and stores that each straddle two cache lines can cost a
-    memory-bound kernel a sixth of its time or more."""
-    buf = np.empty(n + _LINE // 8)
-    k = (-buf.ctypes.data) % _LINE // 8
+    kernel sweeps beside every row of the data (per-feature sums, state, weights, the
+    row buffer of a streaming store) in vector loads and stores that each straddle two
+    cache lines can cost a memory-bound kernel a sixth of its time or more."""
+    buf = np.empty(n + _LINE, dtype)
+    k = (-buf.ctypes.data) % _LINE // buf.itemsize
     return buf[k : k + n]
 
 
 @njit(**_JIT)
 def _lined(a):
-    """A copy of the 1-D float64 ``a`` that starts on a 64-byte boundary (:func:`_lined_empty`)."""
-    out = _lined_empty(a.shape[0])
+    """A copy of the 1-D ``a`` that starts on a 64-byte boundary (:func:`_lined_empty`)."""
+    out = _lined_empty(a.shape[0], a.dtype)
     out[:] = a
     return out
 
@@ -392,8 +392,8 @@ def col_moments(x, nthreads, block):
     pn, pm, p2 = _zero_states(nthreads, F)
     for t in prange(nthreads):
         r0, r1 = _span(t, M, nthreads)
-        k = _lined_empty(B)
-        s = _lined_empty(B)
+        k = _lined_empty(B, np.float64)
+        s = _lined_empty(B, np.float64)
         for a in range(A):
             for b0 in range(r0, r1, block):
                 b1 = min(b0 + block, r1)
@@ -445,10 +445,10 @@ def col_moments_omit(x, nthreads, block):
     pn, pm, p2 = _zero_states(nthreads, F)
     for t in prange(nthreads):
         r0, r1 = _span(t, M, nthreads)
-        k = np.empty(B)
-        s = np.empty(B)
-        c = np.empty(B)
-        mb = np.empty(B)
+        k = _lined_empty(B, np.float64)
+        s = _lined_empty(B, np.float64)
+        c = _lined_empty(B, np.float64)
+        mb = _lined_empty(B, np.float64)
         for a in range(A):
             xa = x[a]
             for j in range(B):
@@ -591,7 +591,7 @@ def apply_cols_streamed(x, mean, scale, shift, out, nthreads):
     M, C = x.shape
     for t in prange(nthreads):
         r0, r1 = _span(t, M, nthreads)
-        buf = np.empty(C, out.dtype)
+        buf = _lined_empty(C, out.dtype)
         for i in range(r0, r1):
             _affine_cols(x[i], mean, scale, shift, buf)
             _stream_row(buf, out[i])
@@ -605,7 +605,7 @@ def apply_ncl_streamed(x, mean, scale, shift, out, nthreads):
     N, C, L = x.shape
     for t in prange(nthreads):
         r0, r1 = _span(t, N, nthreads)
-        buf = np.empty(min(L, _STREAM_PIECE), out.dtype)
+        buf = _lined_empty(min(L, _STREAM_PIECE), out.dtype)
         for i in range(r0, r1):
             for c in range(C):
                 _affine1_streamed(x[i, c], mean[c], scale[c], shift[c], out[i, c], buf)
@@ -644,8 +644,8 @@ def bn_bwd_sums_cols(dy, x, mean, k1, dx, write_dx, nthreads):
     p2 = np.zeros((nthreads, C))
     for t in prange(nthreads):
         r0, r1 = _span(t, M, nthreads)
-        a1 = _lined_empty(C)
-        a2 = _lined_empty(C)
+        a1 = _lined_empty(C, np.float64)
+        a2 = _lined_empty(C, np.float64)
         a1[:] = 0.0
         a2[:] = 0.0
         for i in range(r0, r1):
@@ -750,7 +750,7 @@ def bn_bwd_dx_cols_streamed(dy, x, mean, k1, k2, k3, dx, nthreads):
     M, C = x.shape
     for t in prange(nthreads):
         r0, r1 = _span(t, M, nthreads)
-        buf = np.empty(C, dx.dtype)
+        buf = _lined_empty(C, dx.dtype)
         for i in range(r0, r1):
             _bn_dx_cols(dy[i], x[i], mean, k1, k2, k3, buf)
             _stream_row(buf, dx[i])
@@ -763,7 +763,7 @@ def bn_bwd_dx_ncl_streamed(dy, x, mean, k1, k2, k3, dx, nthreads):
     N, C, L = x.shape
     for t in prange(nthreads):
         r0, r1 = _span(t, N, nthreads)
-        buf = np.empty(min(L, _STREAM_PIECE), dx.dtype)
+        buf = _lined_empty(min(L, _STREAM_PIECE), dx.dtype)
         for i in range(r0, r1):
             for c in range(C):
                 _bn_dx1_streamed(dy[i, c], x[i, c], mean[c], k1[c], k2[c], k3[c], dx[i, c], buf)
@@ -876,6 +876,26 @@ def _row_dx(g, x, w, mu, r, k2, k3, dx):
 
 
 @njit(**_JIT)
+def _row_dx_streamed(g, x, w, mu, r, k2, k3, dx, buf):
+    """:func:`_row_dx` into ``dx`` piece by piece through ``buf`` (``_STREAM_PIECE``
+    values) and :func:`_stream_row`."""
+    D = g.shape[0]
+    for j0 in range(0, D, _STREAM_PIECE):
+        j1 = min(j0 + _STREAM_PIECE, D)
+        _row_dx(g[j0:j1], x[j0:j1], w[j0:j1], mu, r, k2, k3, buf[: j1 - j0])
+        _stream_row(buf[: j1 - j0], dx[j0:j1])
+
+
+@njit(**_JIT)
+def _row_dx_to(g, x, w, mu, r, k2, k3, dx, buf, stream):
+    """:func:`_row_dx`, through :func:`_row_dx_streamed` when ``stream``."""
+    if stream:
+        _row_dx_streamed(g, x, w, mu, r, k2, k3, dx, buf)
+    else:
+        _row_dx(g, x, w, mu, r, k2, k3, dx)
+
+
+@njit(**_JIT)
 def _row_dx_coefs(s1, s2, r, D, center):
     """``(k2, k3)`` of :func:`_row_dx` from the row sums ``s1 = Σ g·w`` and
     ``s2 = Σ g·w·(x - μ)``: ``dx = r·(g·w - mean(g·w) - x̂·mean(g·w·x̂))`` with
@@ -885,7 +905,7 @@ def _row_dx_coefs(s1, s2, r, D, center):
 
 
 @njit(parallel=True, **_JIT)
-def rownorm_bwd(dy, x, weight, mean, rstd, center, dx, nthreads):
+def rownorm_bwd(dy, x, weight, mean, rstd, center, dx, nthreads, stream):
     """LayerNorm / RMSNorm backward over rows; returns (dweight, dbias) as (D,) float64.
 
     With ``g = dy·w`` and ``x̂ = (x - μ)·r``:
@@ -894,7 +914,8 @@ def rownorm_bwd(dy, x, weight, mean, rstd, center, dx, nthreads):
     ``dweight = Σ_rows dy·x̂`` and ``dbias = Σ_rows dy`` use per-thread partials.  Rows
     go two at a time: one sweep reads both for their sums and the parameter gradients,
     then one sweep per row writes dx while the row is still in cache, and meanwhile the
-    next pair is prefetched.
+    next pair is prefetched.  With ``stream`` dx goes out as in
+    :func:`bn_bwd_dx_ncl_streamed`.
     dy, x and dx must be C-contiguous.
     """
     R, D = x.shape
@@ -907,6 +928,7 @@ def rownorm_bwd(dy, x, weight, mean, rstd, center, dx, nthreads):
         r0, r1 = _span(t, R, nthreads)
         aw = np.zeros(D)
         ab = np.zeros(D)
+        buf = _lined_empty(min(D, _STREAM_PIECE) if stream else 0, dx.dtype)
         for i in range(r0, r1 - 1, 2):
             m0, s0, m1, s1 = mean[i], rstd[i], mean[i + 1], rstd[i + 1]
             a1, a2, b1, b2 = _row_sums_grads2(dy[i], x[i], dy[i + 1], x[i + 1], weight, m0, s0, m1, s1, aw, ab)
@@ -915,17 +937,19 @@ def rownorm_bwd(dy, x, weight, mean, rstd, center, dx, nthreads):
                 _prefetch_row(x3, 0, i + 2, D, step)
                 _prefetch_row(g3, 0, i + 2, D, step)
             k2, k3 = _row_dx_coefs(a1, a2, s0, D, center)
-            _row_dx(dy[i], x[i], weight, m0, s0, k2, k3, dx[i])
+            _row_dx_to(dy[i], x[i], weight, m0, s0, k2, k3, dx[i], buf, stream)
             if ahead:
                 _prefetch_row(x3, 0, i + 3, D, step)
                 _prefetch_row(g3, 0, i + 3, D, step)
             k2, k3 = _row_dx_coefs(b1, b2, s1, D, center)
-            _row_dx(dy[i + 1], x[i + 1], weight, m1, s1, k2, k3, dx[i + 1])
+            _row_dx_to(dy[i + 1], x[i + 1], weight, m1, s1, k2, k3, dx[i + 1], buf, stream)
         if (r1 - r0) % 2 == 1:
             i = r1 - 1
             s1, s2 = _row_sums_grads1(dy[i], x[i], weight, mean[i], rstd[i], aw, ab)
             k2, k3 = _row_dx_coefs(s1, s2, rstd[i], D, center)
-            _row_dx(dy[i], x[i], weight, mean[i], rstd[i], k2, k3, dx[i])
+            _row_dx_to(dy[i], x[i], weight, mean[i], rstd[i], k2, k3, dx[i], buf, stream)
+        if stream:
+            _store_fence()
         pw[t] = aw
         pb[t] = ab
     return pw.sum(axis=0), pb.sum(axis=0)
@@ -1081,7 +1105,7 @@ def online_bwd(dout, x, mu, var, u, v, alpha_f, alpha_b, eps, weight, update, dx
     db = np.zeros(C)
     for t in prange(nthreads):
         c0, c1 = _span(t, C, nthreads)
-        buf = np.empty(min(L, _STREAM_PIECE) if stream else 0, dx.dtype)
+        buf = _lined_empty(min(L, _STREAM_PIECE) if stream else 0, dx.dtype)
         for n in range(N):
             for c in range(c0, c1):
                 m = mu[c]

@@ -795,7 +795,10 @@ def _rownorm_backward(dy, cache: RowNormCache, out=None):
     dy2 = np.ascontiguousarray(canonical_view(dy, x2.shape))
     dx = _output(out, dy, x2.shape, _out_dtype(x2, dy2), (x2,))
     if x2.shape[0]:
-        dw, db = K.rownorm_bwd(dy2, x2, cache.weight, cache.mean, cache.rstd, cache.center, dx, _moments.nthreads())
+        dw, db = K.rownorm_bwd(
+            dy2, x2, cache.weight, cache.mean, cache.rstd, cache.center, dx, _moments.nthreads(),
+            _memory.streaming(dx, x2.shape[1]),
+        )
     else:
         dw = np.zeros(x2.shape[1])
         db = np.zeros(x2.shape[1])

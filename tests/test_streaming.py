@@ -114,6 +114,19 @@ def test_kernels_write_the_same_bits_streamed(rng, dtype, nthreads):
         plain_kernel(*args, plain)
         streamed_kernel(*args, streamed, nthreads)
         np.testing.assert_array_equal(streamed, plain)
+    # the row-norm backward: rows of one piece and rows of two, odd row counts
+    for D in (C, L):
+        R = 5
+        xr, dyr = (rng.normal(2, 3, (R, D)).astype(dtype) for _ in range(2))
+        w = rng.normal(size=D)
+        mean, rstd = xr.mean(axis=1, dtype=np.float64), 1 / xr.std(axis=1, dtype=np.float64)
+        plain, streamed = np.empty((R, D), dtype), _aligned(rng, (R, D), dtype)
+        for center in (True, False):
+            gp = K.rownorm_bwd(dyr, xr, w, mean, rstd, center, plain, nthreads, False)
+            gs = K.rownorm_bwd(dyr, xr, w, mean, rstd, center, streamed, nthreads, True)
+            np.testing.assert_array_equal(streamed, plain)
+            for a, b in zip(gs, gp):
+                np.testing.assert_array_equal(a, b)
 
 
 def _layer_results(make, x, dy):
@@ -129,6 +142,8 @@ def _layer_results(make, x, dy):
         (lambda: sn.BatchNorm2d(3), (5, 3, 8, 4)),
         (lambda: sn.OnlineNorm(3).eval(), (5, 3, 32)),
         (lambda: sn.OnlineNorm(3, alpha_fwd=0.9, alpha_bkw=0.8), (5, 3, 32)),
+        (lambda: sn.LayerNorm(48), (7, 48)),
+        (lambda: sn.RMSNorm(32), (2, 3, 32)),
     ],
 )
 def test_layers_give_the_same_bits_streamed(rng, stream_everything, make, shape):
