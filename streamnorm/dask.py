@@ -370,7 +370,7 @@ def _affine_block(block, params, check_inf):
     x = as_float_array(block, "X")
     if check_inf and np.isinf(x).any():
         raise ValueError(_INF_MESSAGE)
-    out = _memory.empty(x.shape, x.dtype)
+    out = _memory.empty(x.shape, x.dtype, near=x)
     if x.size:
         p = np.asarray(params)
         _launch(

@@ -242,7 +242,7 @@ def _output(out, x: np.ndarray, shape3: tuple[int, ...], dtype=None, reads=()) -
     """
     dtype = x.dtype if dtype is None else np.dtype(dtype)
     if out is None:
-        return _memory.empty(shape3, dtype)
+        return _memory.empty(shape3, dtype, near=x)
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
     if out.shape != x.shape or out.dtype != dtype:
@@ -678,7 +678,7 @@ def sync_batch_norm_backward(dy, cache: SyncBatchNormCache, comm=None):
         dy3 = canonical_view(dy, x3.shape)
         if not loc.cols:
             dy3 = np.ascontiguousarray(dy3)
-        dx = _memory.empty(x3.shape, _out_dtype(x3, dy3))
+        dx = _memory.empty(x3.shape, _out_dtype(x3, dy3), near=x3)
         if dx.size:
             part = K.bn_sums(dy3, x3, loc.mean, k1, dx, False)
         else:
@@ -1395,7 +1395,7 @@ def online_norm_forward(
     bk = np.zeros(C) if b is None else b
     out3 = None if out is None else _output(out, x, x3.shape)
     # with error compensation the affine output is kept for the backward: a new array
-    y = _memory.empty(x3.shape, x.dtype) if out3 is None or ecm is not None else out3
+    y = _memory.empty(x3.shape, x.dtype, near=x3) if out3 is None or ecm is not None else out3
     new_mu, new_var = mu0.copy(), var0.copy()
     if x3.size:
         if training and x3.shape[2] == 1:

@@ -481,7 +481,7 @@ def _is_chunk_iterable(X) -> bool:
 def _out_array(X: np.ndarray, copy: bool) -> np.ndarray:
     if not copy and X.flags.writeable and X.dtype in (np.float32, np.float64):
         return X
-    return _memory.empty(X.shape, X.dtype)
+    return _memory.empty(X.shape, X.dtype, near=X)
 
 
 # ---------------------------------------------------------------------------

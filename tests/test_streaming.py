@@ -57,7 +57,7 @@ def test_owner_is_the_allocation_that_every_view_holds(monkeypatch):
     monkeypatch.setattr(_memory, "STREAM_MIN_BYTES", 0)
     a = _memory.empty((4, 6), np.float32)
     o = _memory.owner(a.reshape(24))
-    assert o is not None and o is a.base and o.nbytes == a.nbytes + _memory.LINE
+    assert o is not None and o is a.base and o.nbytes == a.nbytes + _memory.PAD
     b = _memory.reuse(o, (2, 12), np.float32)
     assert b.ctypes.data == a.ctypes.data and b.base is o
     assert _memory.reuse(o, (2, 12), np.float64) is None
@@ -75,6 +75,20 @@ def test_lined_vectors_start_on_a_line_with_the_same_values(rng):
         c = K._lined(a)
         assert c.ctypes.data % _memory.LINE == 0 and np.array_equal(c, v)
         assert not np.may_share_memory(c, a)
+
+
+def test_large_outputs_sit_half_a_page_from_their_input(monkeypatch):
+    monkeypatch.setattr(_memory, "STREAM_MIN_BYTES", 0)
+    raw = np.empty(64 * 1024 + _memory.PAGE, np.uint8)
+    for off in (0, 16, 64, 2000, 4000):  # the input's place in its page
+        x = raw[off:][: 64 * 1024].view(np.float32).reshape(64, 256)
+        y = _memory.empty(x.shape, x.dtype, near=x)
+        gap = (y.ctypes.data - x.ctypes.data) % _memory.PAGE
+        assert y.ctypes.data % _memory.LINE == 0
+        assert _memory.PAGE // 2 <= gap < _memory.PAGE // 2 + _memory.LINE
+        again = _memory.reuse(_memory.owner(y), x.shape, x.dtype, near=x)
+        assert again.ctypes.data == y.ctypes.data
+    assert _memory.empty((64, 256), np.float32).ctypes.data % _memory.PAGE == 0
 
 
 def test_streaming_needs_size_alignment_and_whole_lines(monkeypatch):

@@ -253,7 +253,7 @@ class Layer:
             # references: the list, the loop variable and getrefcount's argument
             if sys.getrefcount(buf) > 3:
                 continue
-            out = _memory.reuse(buf, x.shape, dtype)
+            out = _memory.reuse(buf, x.shape, dtype, near=x)
             if out is None or any(np.may_share_memory(buf, a) for a in (x, *avoid)):
                 continue
             return out
