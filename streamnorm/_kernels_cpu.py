@@ -19,9 +19,9 @@ Conventions
 * The OnlineNorm (N, C) kernels fuse chosen multiply-adds explicitly (:func:`_fma`),
   so that the backward's replay of the state rounds exactly as the forward did.
 * Per-feature vectors that a loop sweeps beside every row of the data (weights,
-  scales, per-column sums and state) start on a 64-byte boundary: the callers pass
-  them through ``_memory.lined`` and the kernels allocate their own with
-  :func:`_lined_empty`.
+  scales, per-column sums and state) start on a 64-byte boundary: the call sites of
+  those kernels pass them through ``_memory.lined`` and the kernels allocate their
+  own with :func:`_lined_empty`.
 """
 
 from __future__ import annotations

@@ -45,9 +45,7 @@ def lined(a: np.ndarray) -> np.ndarray:
     or more."""
     if a.ctypes.data % LINE == 0:
         return a
-    buf = np.empty(a.nbytes + LINE, dtype=np.uint8)
-    skip = -buf.ctypes.data % LINE
-    out = buf[skip : skip + a.nbytes].view(a.dtype).reshape(a.shape)
+    out = reuse(np.empty(a.nbytes + PAD, dtype=np.uint8), a.shape, a.dtype)
     out[...] = a
     return out
 

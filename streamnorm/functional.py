@@ -78,7 +78,7 @@ def _vec(v, n: int, name: str) -> np.ndarray | None:
         raise TypeError(f"{name} has dtype {a.dtype}; expected real numbers")
     if a.size != n:
         raise ValueError(f"{name} has {a.size} values, expected {n}")
-    return _memory.lined(np.ascontiguousarray(a, dtype=np.float64).reshape(n))
+    return np.ascontiguousarray(a, dtype=np.float64).reshape(n)
 
 
 def _out_dtype(*arrays: np.ndarray) -> np.dtype:
@@ -774,13 +774,14 @@ def _rownorm_forward(x, normalized_shape, weight, bias, eps, center, out=None):
     x2 = np.ascontiguousarray(canonical_view(x, (R, D)))  # rows must be contiguous
     w = _vec(weight, D, "weight")
     b = _vec(bias, D, "bias")
-    wk = _memory.lined(np.ones(D)) if w is None else w
-    bk = _memory.lined(np.zeros(D)) if b is None else b
+    wk = np.ones(D) if w is None else w
+    bk = np.zeros(D) if b is None else b
     y = _output(out, x, (R, D))
     mean = np.empty(R)
     rstd = np.empty(R)
     if R:
-        K.rownorm_fwd(x2, wk, bk, eps, center, y, mean, rstd, _moments.nthreads())
+        # γ and β are read beside every row: on a cache line (see _memory.lined)
+        K.rownorm_fwd(x2, _memory.lined(wk), _memory.lined(bk), eps, center, y, mean, rstd, _moments.nthreads())
     cache = RowNormCache(x2, mean, rstd, wk, w is not None, b is not None, center, ns, x.shape)
     return y.reshape(x.shape), cache
 
