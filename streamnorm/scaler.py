@@ -17,6 +17,8 @@ from .stats import RunningStats, _is_dask_array
 
 _FORMAT = "streamnorm.StreamScaler"
 _FORMAT_VERSION = 1
+#: fitted attributes derived from the statistics when first read after a change
+_DERIVED = ("mean_", "var_", "scale_", "n_samples_seen_")
 
 
 class _EstimatorBase:
@@ -239,7 +241,7 @@ class StreamScaler(*_BASES):  # type: ignore[misc]
         if first:
             self.n_features_in_ = Xa.shape[1]
             self._record_feature_names(X, True)
-        self._refresh()
+        self._stale(ms)
         return self
 
     def fit(self, X, y=None, sample_weight=None):
@@ -272,22 +274,25 @@ class StreamScaler(*_BASES):  # type: ignore[misc]
         return self
 
     def _reset(self) -> None:
-        for attr in ("_stats", "mean_", "var_", "scale_", "n_samples_seen_", "n_features_in_", "feature_names_in_"):
-            if hasattr(self, attr):
-                delattr(self, attr)
+        for attr in ("_stats", "_derived", *_DERIVED, "n_features_in_", "feature_names_in_"):
+            self.__dict__.pop(attr, None)
 
-    def _refresh(self) -> None:
-        """Set the fitted attributes from the state (cheap: it runs after every chunk)."""
-        st = self._stats
-        n = st._n
-        mean, var, scale, uniform = K.scaler_attributes(n, st._mean, st._m2, float(self.min_scale))
-        n0 = float(n[0]) if n.size else 0.0
-        self.n_samples_seen_ = int(n0) if uniform and n0.is_integer() else n.copy()
-        # a feature without statistics (NaN: it has seen only NaN, or NaN propagated)
-        # keeps a NaN scale, so its transform is NaN rather than x / min_scale
-        self.mean_ = mean if self.with_mean or self.with_std else None
-        self.var_ = var if self.with_std else None
-        self.scale_ = scale if self.with_std else None
+    def _stale(self, min_scale: float) -> None:
+        """Mark the fitted attributes out of date after the state changed: they are
+        derived again when next read (:meth:`__getattr__`), so a stream of small chunks
+        pays for them once, not once per chunk.  The parameters they depend on are
+        taken now, so that they describe the scaler as it was fitted."""
+        d = self.__dict__
+        for attr in _DERIVED:
+            d.pop(attr, None)  # an attribute a user set by hand
+        d["_derived"] = _Derived((min_scale, self.with_mean, self.with_std))
+
+    def __getattr__(self, name: str):
+        # reached only when normal lookup fails, as for the derived attributes
+        derived = self.__dict__.get("_derived")
+        if derived is not None and name in _DERIVED:
+            return derived.get(self.__dict__["_stats"], name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def merge(self, other: "StreamScaler") -> "StreamScaler":
         """Fold another fitted scaler's statistics in (exact Chan merge).  Returns self.
@@ -309,7 +314,7 @@ class StreamScaler(*_BASES):  # type: ignore[misc]
         if other.n_features_in_ != self.n_features_in_:
             raise ValueError(f"cannot merge a scaler of {other.n_features_in_} features into one of {self.n_features_in_}")
         self._stats = self._stats.copy().merge(other._stats)
-        self._refresh()
+        self._stale(float(self.min_scale))
         return self
 
     # ------------------------------------------------------------- transform
@@ -449,7 +454,7 @@ class StreamScaler(*_BASES):  # type: ignore[misc]
             }
         )
         sc.n_features_in_ = int(count.size)
-        sc._refresh()
+        sc._stale(float(sc.min_scale))
         return sc
 
     def __sklearn_tags__(self):  # pragma: no cover - only with scikit-learn
@@ -458,6 +463,38 @@ class StreamScaler(*_BASES):  # type: ignore[misc]
         tags.transformer_tags.preserves_dtype = ["float64", "float32"]
         tags.requires_fit = True
         return tags
+
+
+class _Derived:
+    """The fitted attributes of one state of a :class:`StreamScaler`, computed on first
+    read.  They live here rather than in the scaler's ``__dict__``, so that reading
+    them (``transform`` does) leaves the scaler's attributes as they were."""
+
+    __slots__ = ("params", "values")
+
+    def __init__(self, params: tuple[float, bool, bool]):
+        self.params = params
+        self.values: dict[str, Any] | None = None
+
+    def get(self, stats: RunningStats, name: str):
+        values = self.values
+        if values is None:  # two threads may both get here; they compute the same
+            values = self.values = self._compute(stats, *self.params)
+        return values[name]
+
+    @staticmethod
+    def _compute(st: RunningStats, min_scale: float, with_mean: bool, with_std: bool) -> dict[str, Any]:
+        n = st._n
+        mean, var, scale, uniform = K.scaler_attributes(n, st._mean, st._m2, min_scale)
+        n0 = float(n[0]) if n.size else 0.0
+        # a feature without statistics (NaN: it has seen only NaN, or NaN propagated)
+        # keeps a NaN scale, so its transform is NaN rather than x / min_scale
+        return {
+            "n_samples_seen_": int(n0) if uniform and n0.is_integer() else n.copy(),
+            "mean_": mean if with_mean or with_std else None,
+            "var_": var if with_std else None,
+            "scale_": scale if with_std else None,
+        }
 
 
 def _reject_sparse(X) -> None:

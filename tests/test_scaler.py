@@ -95,6 +95,29 @@ def test_scale_floor_for_constant_features():
     assert np.abs(Y[:, 2]).max() < 1e-5  # divided by the floor, not by ~1e-12
 
 
+def test_fitted_attributes_are_derived_once_per_state_as_fitted():
+    """The attributes are derived from the state when first read after a fit step,
+    with the parameters the fit ran with; reading them changes no attribute."""
+    import pickle
+
+    X = np.column_stack([np.full(6, 2.0), np.arange(6.0)])
+    sc = StreamScaler(min_scale=1e-3).partial_fit(X[:4]).partial_fit(X[4:])
+    assert not hasattr(StreamScaler(), "mean_")
+    with pytest.raises(AttributeError, match="'StreamScaler' object has no attribute 'meen_'"):
+        sc.meen_
+    sc.set_params(min_scale=0.5, with_std=False)  # after the fit: applies from the next one
+    before = dict(vars(sc))
+    revived = pickle.loads(pickle.dumps(sc))
+    assert sc.scale_[0] == 1e-3 and sc.scale_[1] == np.sqrt(np.var(np.arange(6.0)))
+    assert vars(sc) == before and sc.mean_ is sc.mean_
+    assert sc.n_samples_seen_ == 6 and sc.var_[1] == np.var(np.arange(6.0))
+    np.testing.assert_array_equal(revived.scale_, sc.scale_)
+    sc.mean_ = np.zeros(2)  # set by hand: replaced by the next fit step
+    sc.partial_fit(X)
+    assert sc.scale_ is None and sc.var_ is None
+    assert sc.mean_[1] == 2.5 and sc.n_samples_seen_ == 12
+
+
 def test_save_load_round_trip_and_bad_files(rng, tmp_path):
     sc = StreamScaler(half_life=4.0, min_scale=1e-3).fit(rng.standard_normal((30, 3)))
     p = tmp_path / "s.npz"
