@@ -108,6 +108,11 @@ class StreamScaler(*_BASES):  # type: ignore[misc]
         An array when NaNs made the counts differ between features.
     n_features_in_ : int
 
+    ``mean_``, ``var_``, ``scale_`` and ``n_samples_seen_`` are derived from the
+    statistics when first read after a fit step, with the parameters that step ran
+    with (a later ``set_params`` applies from the next step), so fitting a stream of
+    small chunks does not pay for them chunk by chunk.
+
     Examples
     --------
     >>> import numpy as np
