@@ -246,7 +246,7 @@ class StreamScaler(*_BASES):  # type: ignore[misc]
         if first:
             self.n_features_in_ = Xa.shape[1]
             self._record_feature_names(X, True)
-        self._stale(ms)
+        self._stale()
         return self
 
     def fit(self, X, y=None, sample_weight=None):
@@ -282,7 +282,7 @@ class StreamScaler(*_BASES):  # type: ignore[misc]
         for attr in ("_stats", "_derived", *_DERIVED, "n_features_in_", "feature_names_in_"):
             self.__dict__.pop(attr, None)
 
-    def _stale(self, min_scale: float) -> None:
+    def _stale(self) -> None:
         """Mark the fitted attributes out of date after the state changed: they are
         derived again when next read (:meth:`__getattr__`), so a stream of small chunks
         pays for them once, not once per chunk.  The parameters they depend on are
@@ -290,7 +290,7 @@ class StreamScaler(*_BASES):  # type: ignore[misc]
         d = self.__dict__
         for attr in _DERIVED:
             d.pop(attr, None)  # an attribute a user set by hand
-        d["_derived"] = _Derived((min_scale, self.with_mean, self.with_std))
+        d["_derived"] = _Derived((float(self.min_scale), self.with_mean, self.with_std))
 
     def __getattr__(self, name: str):
         # reached only when normal lookup fails, as for the derived attributes
@@ -319,7 +319,7 @@ class StreamScaler(*_BASES):  # type: ignore[misc]
         if other.n_features_in_ != self.n_features_in_:
             raise ValueError(f"cannot merge a scaler of {other.n_features_in_} features into one of {self.n_features_in_}")
         self._stats = self._stats.copy().merge(other._stats)
-        self._stale(float(self.min_scale))
+        self._stale()
         return self
 
     # ------------------------------------------------------------- transform
@@ -459,7 +459,7 @@ class StreamScaler(*_BASES):  # type: ignore[misc]
             }
         )
         sc.n_features_in_ = int(count.size)
-        sc._stale(float(sc.min_scale))
+        sc._stale()
         return sc
 
     def __sklearn_tags__(self):  # pragma: no cover - only with scikit-learn
