@@ -4,11 +4,13 @@ Conventions
 -----------
 * Every kernel accumulates in float64, whatever the input dtype, and writes outputs
   into arrays allocated by the caller (so the caller picks the output dtype).
-* Parallel kernels split the *leading* axis of C-contiguous data into one contiguous
-  range per thread, keep one partial state per thread, and merge the partial states
-  serially with Chan's formula (no two threads write the same memory).  The number of
-  ranges is passed in by the caller (``numba.get_num_threads()``), never read from a
-  global, so ``numba.set_num_threads`` is respected.  The plain-Python dispatchers
+* Parallel kernels split the *leading* axis of C-contiguous data (the channels, for
+  OnlineNorm) into contiguous blocks that the threads claim one at a time (see "Work
+  dealt in blocks" below), keep one partial state per block, and merge the partial
+  states serially in block order with Chan's formula (no two threads write the same
+  memory), so that results do not depend on the thread count.  The number of threads
+  is passed in by the caller (``numba.get_num_threads()``), never read from a global,
+  so ``numba.set_num_threads`` is respected.  The plain-Python dispatchers
   (:func:`affine`, :func:`bn_dx`) read it at each call, which respects it too.
 * Reductions along a contiguous row are loops whose accumulating addition alone may
   be reassociated (LLVM's ``reassoc`` flag), so that they vectorize with accumulators
@@ -263,8 +265,67 @@ def _row_moments_blocked(v, block):
 
 @njit(**_JIT)
 def _span(t, n, nthreads):
-    """The contiguous range [lo, hi) of n items that thread t of nthreads owns."""
+    """The contiguous range [lo, hi) of n items that part t of nthreads parts owns."""
     return t * n // nthreads, (t + 1) * n // nthreads
+
+
+# ---------------------------------------------------------------------------
+# Work dealt in blocks
+#
+# A kernel splits its items (rows, samples, channels) into blocks, and each of its
+# threads claims the next unclaimed block until none is left.  On a machine whose cores
+# run at unequal speeds (a virtual machine's core shared with other work on its host, or
+# a processor with cores of two kinds) a fast thread then takes more blocks, where an
+# equal split would leave it waiting for the slowest.  A kernel that reduces across
+# blocks keeps one partial result per block, never per thread, and combines them in
+# block order, so its result depends on neither which thread took a block nor how many
+# threads there are.
+# ---------------------------------------------------------------------------
+
+#: bytes of input per block, for kernels whose blocks write separate outputs
+_DEAL_BYTES = 256 * 1024
+#: the most blocks a reducing kernel splits into (each block keeps a partial result)
+_REDUCE_BLOCKS = 16
+
+
+@_intrinsic
+def _claim(typingctx, counter):
+    """The next unclaimed block: atomically ``counter[0] += 1`` (an int64 array),
+    returning the value it had."""
+    sig = _types.int64(counter)
+
+    def codegen(context, builder, signature, args):
+        aty = signature.args[0]
+        ary = context.make_array(aty)(context, builder, args[0])
+        zero = context.get_constant(_types.intp, 0)
+        ptr = _cgutils.get_item_pointer(context, builder, aty, ary, [zero], wraparound=False)
+        return builder.atomic_rmw("add", ptr, _ir.Constant(_ir.IntType(64), 1), "monotonic")
+
+    return sig, codegen
+
+
+@njit(**_JIT)
+def _deal_blocks(n, nthreads, item_bytes):
+    """Blocks for n items of ``item_bytes`` each whose outputs are separate: about
+    ``_DEAL_BYTES`` of input per block, at least one per thread, at most n."""
+    per = max(1, _DEAL_BYTES // max(1, item_bytes))
+    return max(1, min(n, max(nthreads, (n + per - 1) // per)))
+
+
+@njit(**_JIT)
+def _col_blocks(C, nthreads, itemsize):
+    """Blocks of the channels of (N, C) data, each taking a slice of every row: at
+    least ``nthreads`` (the caller keeps each thread's slice at 1 KiB or more), and up
+    to 16 while a slice stays at 16 KiB or more (narrower slices of a long time axis
+    cost the prefetchers more than the balance gains)."""
+    return max(1, min(C, max(nthreads, min(16, C * itemsize // 16384))))
+
+
+@njit(**_JIT)
+def _reduce_blocks(n, per):
+    """Blocks for a reduction over n items: one per ``per`` items, at least two (one
+    for n = 1), at most ``_REDUCE_BLOCKS``; independent of the thread count."""
+    return max(1, min(n, max(2, min(_REDUCE_BLOCKS, n // max(1, per)))))
 
 
 @njit(**_JIT)
@@ -289,9 +350,9 @@ def _lined(a):
 
 
 @njit(**_JIT)
-def _zero_states(nthreads, F):
-    """Empty per-thread partial states: (count, mean, M2), each (nthreads, F) float64."""
-    return np.zeros((nthreads, F)), np.zeros((nthreads, F)), np.zeros((nthreads, F))
+def _zero_states(nb, F):
+    """Empty partial states of nb blocks: (count, mean, M2), each (nb, F) float64."""
+    return np.zeros((nb, F)), np.zeros((nb, F)), np.zeros((nb, F))
 
 
 @njit(**_JIT)
@@ -348,7 +409,7 @@ def scaler_attributes(n, mean, m2, min_scale):
 
 @njit(**_JIT)
 def _merge_partials(pn, pm, p2):
-    """Chan-merge per-thread partial states (T, F) into (F,) states, in thread order."""
+    """Chan-merge per-block partial states (T, F) into (F,) states, in block order."""
     T, F = pn.shape
     n = np.zeros(F)
     m = np.zeros(F)
@@ -374,10 +435,10 @@ def _prefetch_row(x, a, i, B, step):
 def col_moments(x, nthreads, block):
     """Per-column (n, mean, M2) of ``x`` (A, M, B) reduced over M.
 
-    Rows are split into ``nthreads`` contiguous ranges; each range is processed in
-    blocks of ``block`` rows with a shifted two-pass (the block stays in cache), and
-    each block is Chan-merged into the thread's partial state.  The two sweeps over a
-    block prefetch the next block, a row every other row, so that memory stays busy
+    Rows are split into contiguous work blocks (:func:`_reduce_blocks`) that the
+    threads claim in turn; each is processed in blocks of ``block`` rows with a shifted
+    two-pass (the block stays in cache), and each block is Chan-merged into its work
+    block's partial state.  The two sweeps over a block prefetch the next block, a row every other row, so that memory stays busy
     while the second sweep runs from cache.  Returns three (A*B,) float64 arrays.
     """
     A, M, B = x.shape
@@ -389,99 +450,115 @@ def col_moments(x, nthreads, block):
     # value; and any rounding of the mean enters M2 only at second order, since the
     # second sweep subtracts the mean it computed.  The first sweep saves a subtraction.
     single = x.itemsize == 4
-    pn, pm, p2 = _zero_states(nthreads, F)
-    for t in prange(nthreads):
-        r0, r1 = _span(t, M, nthreads)
+    nb = _reduce_blocks(M, 16 * block)  # the partial states' merge costs about 1 µs per block of 256 columns
+    counter = np.zeros(1, np.int64)
+    pn, pm, p2 = _zero_states(nb, F)
+    for _t in prange(nthreads):
         k = _lined_empty(B, np.float64)
         s = _lined_empty(B, np.float64)
-        for a in range(A):
-            for b0 in range(r0, r1, block):
-                b1 = min(b0 + block, r1)
-                nb_ = np.float64(b1 - b0)
-                p = b1  # the next row to prefetch
-                for j in range(B):
-                    k[j] = 0.0 if single else x[a, b0, j]
-                    s[j] = 0.0
-                for i in range(b0, b1):
-                    if (i - b0) % 2 == 0 and p < r1:
-                        _prefetch_row(x, a, p, B, step)
-                        p += 1
-                    if single:
-                        for j in range(B):
-                            s[j] += x[a, i, j]
-                    else:
-                        for j in range(B):
-                            s[j] += x[a, i, j] - k[j]
-                for j in range(B):
-                    k[j] = k[j] + s[j] / nb_
-                    s[j] = 0.0
-                for i in range(b0, b1):
-                    if (i - b0) % 2 == 0 and p < r1:
-                        _prefetch_row(x, a, p, B, step)
-                        p += 1
-                    for j in range(B):
-                        d = x[a, i, j] - k[j]
-                        s[j] += d * d
-                off = a * B
-                for j in range(B):
-                    f = off + j
-                    pn[t, f], pm[t, f], p2[t, f] = _chan(
-                        pn[t, f], pm[t, f], p2[t, f], nb_, k[j], s[j]
-                    )
+        t = _claim(counter)
+        while t < nb:
+            r0, r1 = _span(t, M, nb)
+            _col_moments_range(x, r0, r1, block, single, step, k, s, pn[t], pm[t], p2[t])
+            t = _claim(counter)
     return _merge_partials(pn, pm, p2)
+
+
+@njit(**_JIT)
+def _col_moments_range(x, r0, r1, block, single, step, k, s, pn, pm, p2):
+    """:func:`col_moments` over rows [r0, r1), merged into the (F,) states pn, pm, p2;
+    ``k`` and ``s`` are (B,) work vectors."""
+    A, M, B = x.shape
+    for a in range(A):
+        for b0 in range(r0, r1, block):
+            b1 = min(b0 + block, r1)
+            nb_ = np.float64(b1 - b0)
+            p = b1  # the next row to prefetch
+            for j in range(B):
+                k[j] = 0.0 if single else x[a, b0, j]
+                s[j] = 0.0
+            for i in range(b0, b1):
+                if (i - b0) % 2 == 0 and p < r1:
+                    _prefetch_row(x, a, p, B, step)
+                    p += 1
+                if single:
+                    for j in range(B):
+                        s[j] += x[a, i, j]
+                else:
+                    for j in range(B):
+                        s[j] += x[a, i, j] - k[j]
+            for j in range(B):
+                k[j] = k[j] + s[j] / nb_
+                s[j] = 0.0
+            for i in range(b0, b1):
+                if (i - b0) % 2 == 0 and p < r1:
+                    _prefetch_row(x, a, p, B, step)
+                    p += 1
+                for j in range(B):
+                    d = x[a, i, j] - k[j]
+                    s[j] += d * d
+            off = a * B
+            for j in range(B):
+                f = off + j
+                pn[f], pm[f], p2[f] = _chan(pn[f], pm[f], p2[f], nb_, k[j], s[j])
 
 
 @njit(parallel=True, **_JIT)
 def col_moments_omit(x, nthreads, block):
     """:func:`col_moments` skipping NaNs, with a count per column.
 
-    The shift of every block is the column's first finite value in the thread's range
+    The shift of every block is the column's first finite value in its work block
     (found by a scan that normally stops at the first row), so a constant column still
     gives its value as the mean and M2 exactly 0.  NaNs are masked with selects, which
     keeps the loops vectorizable.
     """
     A, M, B = x.shape
     F = A * B
-    pn, pm, p2 = _zero_states(nthreads, F)
-    for t in prange(nthreads):
-        r0, r1 = _span(t, M, nthreads)
+    nb = _reduce_blocks(M, 16 * block)
+    pn, pm, p2 = _zero_states(nb, F)
+    counter = np.zeros(1, np.int64)
+    for _t in prange(nthreads):
         k = _lined_empty(B, np.float64)
         s = _lined_empty(B, np.float64)
         c = _lined_empty(B, np.float64)
         mb = _lined_empty(B, np.float64)
-        for a in range(A):
-            xa = x[a]
-            for j in range(B):
-                k[j] = 0.0
-                for i in range(r0, r1):
-                    v = np.float64(xa[i, j])
-                    if np.isfinite(v):
-                        k[j] = v
-                        break
-            for b0 in range(r0, r1, block):
-                b1 = min(b0 + block, r1)
-                s[:] = 0.0
-                c[:] = 0.0
-                for i in range(b0, b1):
-                    row = xa[i]
-                    for j in range(B):
-                        v = row[j]
-                        ok = v == v  # the mask is on the value: inf - inf must stay NaN
-                        s[j] += (v - k[j]) if ok else 0.0
-                        c[j] += 1.0 if ok else 0.0
+        t = _claim(counter)
+        while t < nb:
+            r0, r1 = _span(t, M, nb)
+            for a in range(A):
+                xa = x[a]
                 for j in range(B):
-                    mb[j] = k[j] + s[j] / c[j] if c[j] > 0 else 0.0
-                    s[j] = 0.0
-                for i in range(b0, b1):
-                    row = xa[i]
+                    k[j] = 0.0
+                    for i in range(r0, r1):
+                        v = np.float64(xa[i, j])
+                        if np.isfinite(v):
+                            k[j] = v
+                            break
+                for b0 in range(r0, r1, block):
+                    b1 = min(b0 + block, r1)
+                    s[:] = 0.0
+                    c[:] = 0.0
+                    for i in range(b0, b1):
+                        row = xa[i]
+                        for j in range(B):
+                            v = row[j]
+                            ok = v == v  # the mask is on the value: inf - inf must stay NaN
+                            s[j] += (v - k[j]) if ok else 0.0
+                            c[j] += 1.0 if ok else 0.0
                     for j in range(B):
-                        v = row[j]
-                        d = v - mb[j]
-                        s[j] += d * d if v == v else 0.0
-                off = a * B
-                for j in range(B):
-                    f = off + j
-                    pn[t, f], pm[t, f], p2[t, f] = _chan(pn[t, f], pm[t, f], p2[t, f], c[j], mb[j], s[j])
+                        mb[j] = k[j] + s[j] / c[j] if c[j] > 0 else 0.0
+                        s[j] = 0.0
+                    for i in range(b0, b1):
+                        row = xa[i]
+                        for j in range(B):
+                            v = row[j]
+                            d = v - mb[j]
+                            s[j] += d * d if v == v else 0.0
+                    off = a * B
+                    for j in range(B):
+                        f = off + j
+                        pn[t, f], pm[t, f], p2[t, f] = _chan(pn[t, f], pm[t, f], p2[t, f], c[j], mb[j], s[j])
+            t = _claim(counter)
     return _merge_partials(pn, pm, p2)
 
 
@@ -494,21 +571,26 @@ def col_moments_general(x, w, has_w, omit, nthreads):
     """
     A, M, B = x.shape
     F = A * B
-    pn, pm, p2 = _zero_states(nthreads, F)
-    for t in prange(nthreads):
-        r0, r1 = _span(t, M, nthreads)
-        for a in range(A):
-            off = a * B
-            for i in range(r0, r1):
-                wi = w[i] if has_w else 1.0
-                if wi == 0.0:
-                    continue
-                for j in range(B):
-                    v = np.float64(x[a, i, j])
-                    if omit and v != v:
+    nb = _reduce_blocks(M, 64)
+    pn, pm, p2 = _zero_states(nb, F)
+    counter = np.zeros(1, np.int64)
+    for _t in prange(nthreads):
+        t = _claim(counter)
+        while t < nb:
+            r0, r1 = _span(t, M, nb)
+            for a in range(A):
+                off = a * B
+                for i in range(r0, r1):
+                    wi = w[i] if has_w else 1.0
+                    if wi == 0.0:
                         continue
-                    f = off + j
-                    pn[t, f], pm[t, f], p2[t, f] = _welford(pn[t, f], pm[t, f], p2[t, f], v, wi)
+                    for j in range(B):
+                        v = np.float64(x[a, i, j])
+                        if omit and v != v:
+                            continue
+                        f = off + j
+                        pn[t, f], pm[t, f], p2[t, f] = _welford(pn[t, f], pm[t, f], p2[t, f], v, wi)
+            t = _claim(counter)
     return _merge_partials(pn, pm, p2)
 
 
@@ -521,18 +603,23 @@ def col_moments_general(x, w, has_w, omit, nthreads):
 def ncl_moments(x, nthreads, block):
     """Per-channel (n, mean, M2) of ``x`` (N, C, L) over N and L.
 
-    Samples are split into ``nthreads`` contiguous ranges (each thread reads one
-    contiguous stretch of memory); each (n, c) row is reduced by a blocked two-pass and
-    Chan-merged into the thread's partial state for channel c.
+    Samples are split into contiguous work blocks (each a contiguous stretch of
+    memory) that the threads claim in turn; each (n, c) row is reduced by a blocked
+    two-pass and Chan-merged into its work block's partial state for channel c.
     """
     N, C, L = x.shape
-    pn, pm, p2 = _zero_states(nthreads, C)
-    for t in prange(nthreads):
-        r0, r1 = _span(t, N, nthreads)
-        for i in range(r0, r1):
-            for c in range(C):
-                rn, rm, r2 = _row_moments_blocked(x[i, c], block)
-                pn[t, c], pm[t, c], p2[t, c] = _chan(pn[t, c], pm[t, c], p2[t, c], rn, rm, r2)
+    nb = _reduce_blocks(N, 1)
+    pn, pm, p2 = _zero_states(nb, C)
+    counter = np.zeros(1, np.int64)
+    for _t in prange(nthreads):
+        t = _claim(counter)
+        while t < nb:
+            r0, r1 = _span(t, N, nb)
+            for i in range(r0, r1):
+                for c in range(C):
+                    rn, rm, r2 = _row_moments_blocked(x[i, c], block)
+                    pn[t, c], pm[t, c], p2[t, c] = _chan(pn[t, c], pm[t, c], p2[t, c], rn, rm, r2)
+            t = _claim(counter)
     return _merge_partials(pn, pm, p2)
 
 
@@ -589,12 +676,17 @@ def apply_cols_streamed(x, mean, scale, shift, out, nthreads):
     """:func:`apply_cols` with streaming stores: every row of ``out`` must start on a
     64-byte boundary."""
     M, C = x.shape
-    for t in prange(nthreads):
-        r0, r1 = _span(t, M, nthreads)
+    nb = _deal_blocks(M, nthreads, C * x.itemsize)
+    counter = np.zeros(1, np.int64)
+    for _t in prange(nthreads):
         buf = _lined_empty(C, out.dtype)
-        for i in range(r0, r1):
-            _affine_cols(x[i], mean, scale, shift, buf)
-            _stream_row(buf, out[i])
+        t = _claim(counter)
+        while t < nb:
+            r0, r1 = _span(t, M, nb)
+            for i in range(r0, r1):
+                _affine_cols(x[i], mean, scale, shift, buf)
+                _stream_row(buf, out[i])
+            t = _claim(counter)
         _store_fence()
 
 
@@ -603,12 +695,17 @@ def apply_ncl_streamed(x, mean, scale, shift, out, nthreads):
     """:func:`apply_ncl` with streaming stores, a row in pieces of ``_STREAM_PIECE``
     values; every row of ``out`` must start on a 64-byte boundary."""
     N, C, L = x.shape
-    for t in prange(nthreads):
-        r0, r1 = _span(t, N, nthreads)
+    nb = _deal_blocks(N, nthreads, C * L * x.itemsize)
+    counter = np.zeros(1, np.int64)
+    for _t in prange(nthreads):
         buf = _lined_empty(min(L, _STREAM_PIECE), out.dtype)
-        for i in range(r0, r1):
-            for c in range(C):
-                _affine1_streamed(x[i, c], mean[c], scale[c], shift[c], out[i, c], buf)
+        t = _claim(counter)
+        while t < nb:
+            r0, r1 = _span(t, N, nb)
+            for i in range(r0, r1):
+                for c in range(C):
+                    _affine1_streamed(x[i, c], mean[c], scale[c], shift[c], out[i, c], buf)
+            t = _claim(counter)
         _store_fence()
 
 
@@ -634,30 +731,35 @@ def affine(x, mean, scale, shift, out):
 
 @njit(parallel=True, **_JIT)
 def bn_bwd_sums_cols(dy, x, mean, k1, dx, write_dx, nthreads):
-    """Per-channel Σdy and Σdy·(x - mean) for (M, C) data, per-thread partials.
+    """Per-channel Σdy and Σdy·(x - mean) for (M, C) data, partial sums per block.
 
     When ``write_dx`` is true, also writes ``dx = k1 * dy`` in the same pass (the
     eval-mode backward, where the input gradient needs no batch sums).
     """
     M, C = x.shape
-    p1 = np.zeros((nthreads, C))
-    p2 = np.zeros((nthreads, C))
-    for t in prange(nthreads):
-        r0, r1 = _span(t, M, nthreads)
+    nb = _reduce_blocks(M, 64)
+    p1 = np.zeros((nb, C))
+    p2 = np.zeros((nb, C))
+    counter = np.zeros(1, np.int64)
+    for _t in prange(nthreads):
         a1 = _lined_empty(C, np.float64)
         a2 = _lined_empty(C, np.float64)
-        a1[:] = 0.0
-        a2[:] = 0.0
-        for i in range(r0, r1):
-            for j in range(C):
-                g = np.float64(dy[i, j])
-                a1[j] += g
-                a2[j] += g * (x[i, j] - mean[j])
-            if write_dx:
+        t = _claim(counter)
+        while t < nb:
+            r0, r1 = _span(t, M, nb)
+            a1[:] = 0.0
+            a2[:] = 0.0
+            for i in range(r0, r1):
                 for j in range(C):
-                    dx[i, j] = k1[j] * dy[i, j]
-        p1[t] = a1
-        p2[t] = a2
+                    g = np.float64(dy[i, j])
+                    a1[j] += g
+                    a2[j] += g * (x[i, j] - mean[j])
+                if write_dx:
+                    for j in range(C):
+                        dx[i, j] = k1[j] * dy[i, j]
+            p1[t] = a1
+            p2[t] = a2
+            t = _claim(counter)
     return p1.sum(axis=0), p2.sum(axis=0)
 
 
@@ -665,23 +767,28 @@ def bn_bwd_sums_cols(dy, x, mean, k1, dx, write_dx, nthreads):
 def bn_bwd_sums_ncl(dy, x, mean, k1, dx, write_dx, nthreads):
     """(N, C, L) twin of :func:`bn_bwd_sums_cols`; dy, x and dx must be C-contiguous."""
     N, C, L = x.shape
-    p1 = np.zeros((nthreads, C))
-    p2 = np.zeros((nthreads, C))
-    for t in prange(nthreads):
-        r0, r1 = _span(t, N, nthreads)
-        for i in range(r0, r1):
-            for c in range(C):
-                m = mean[c]
-                gr = dy[i, c]
-                xr = x[i, c]
-                s1, s2 = _row_sum2(gr, xr, m)
-                p1[t, c] += s1
-                p2[t, c] += s2
-                if write_dx:
-                    k = k1[c]
-                    dr = dx[i, c]
-                    for j in range(L):
-                        dr[j] = k * gr[j]
+    nb = _reduce_blocks(N, 1)
+    p1 = np.zeros((nb, C))
+    p2 = np.zeros((nb, C))
+    counter = np.zeros(1, np.int64)
+    for _t in prange(nthreads):
+        t = _claim(counter)
+        while t < nb:
+            r0, r1 = _span(t, N, nb)
+            for i in range(r0, r1):
+                for c in range(C):
+                    m = mean[c]
+                    gr = dy[i, c]
+                    xr = x[i, c]
+                    s1, s2 = _row_sum2(gr, xr, m)
+                    p1[t, c] += s1
+                    p2[t, c] += s2
+                    if write_dx:
+                        k = k1[c]
+                        dr = dx[i, c]
+                        for j in range(L):
+                            dr[j] = k * gr[j]
+            t = _claim(counter)
     return p1.sum(axis=0), p2.sum(axis=0)
 
 
@@ -748,12 +855,17 @@ def bn_bwd_dx_ncl(dy, x, mean, k1, k2, k3, dx):
 def bn_bwd_dx_cols_streamed(dy, x, mean, k1, k2, k3, dx, nthreads):
     """:func:`bn_bwd_dx_cols` with streaming stores, as :func:`apply_cols_streamed`."""
     M, C = x.shape
-    for t in prange(nthreads):
-        r0, r1 = _span(t, M, nthreads)
+    nb = _deal_blocks(M, nthreads, 2 * C * x.itemsize)
+    counter = np.zeros(1, np.int64)
+    for _t in prange(nthreads):
         buf = _lined_empty(C, dx.dtype)
-        for i in range(r0, r1):
-            _bn_dx_cols(dy[i], x[i], mean, k1, k2, k3, buf)
-            _stream_row(buf, dx[i])
+        t = _claim(counter)
+        while t < nb:
+            r0, r1 = _span(t, M, nb)
+            for i in range(r0, r1):
+                _bn_dx_cols(dy[i], x[i], mean, k1, k2, k3, buf)
+                _stream_row(buf, dx[i])
+            t = _claim(counter)
         _store_fence()
 
 
@@ -761,12 +873,17 @@ def bn_bwd_dx_cols_streamed(dy, x, mean, k1, k2, k3, dx, nthreads):
 def bn_bwd_dx_ncl_streamed(dy, x, mean, k1, k2, k3, dx, nthreads):
     """:func:`bn_bwd_dx_ncl` with streaming stores, as :func:`apply_ncl_streamed`."""
     N, C, L = x.shape
-    for t in prange(nthreads):
-        r0, r1 = _span(t, N, nthreads)
+    nb = _deal_blocks(N, nthreads, 2 * C * L * x.itemsize)
+    counter = np.zeros(1, np.int64)
+    for _t in prange(nthreads):
         buf = _lined_empty(min(L, _STREAM_PIECE), dx.dtype)
-        for i in range(r0, r1):
-            for c in range(C):
-                _bn_dx1_streamed(dy[i, c], x[i, c], mean[c], k1[c], k2[c], k3[c], dx[i, c], buf)
+        t = _claim(counter)
+        while t < nb:
+            r0, r1 = _span(t, N, nb)
+            for i in range(r0, r1):
+                for c in range(C):
+                    _bn_dx1_streamed(dy[i, c], x[i, c], mean[c], k1[c], k2[c], k3[c], dx[i, c], buf)
+            t = _claim(counter)
         _store_fence()
 
 
@@ -800,21 +917,26 @@ def rownorm_fwd(x, weight, bias, eps, center, out, mean, rstd, nthreads):
     three sweeps (sum, squared deviations, output).
     """
     R, D = x.shape
+    nb = _deal_blocks(R, nthreads, D * x.itemsize)
+    counter = np.zeros(1, np.int64)
     for t in prange(nthreads):
-        r0, r1 = _span(t, R, nthreads)
-        for i in range(r0, r1):
-            xr = x[i]
-            if center:
-                mu, m2 = _row_moments(xr)
-            else:
-                mu = 0.0
-                m2 = _row_sumsq_dev(xr, 0.0)
-            r = 1.0 / np.sqrt(m2 / D + eps)
-            mean[i] = mu
-            rstd[i] = r
-            orow = out[i]
-            for j in range(D):
-                orow[j] = ((xr[j] - mu) * r) * weight[j] + bias[j]
+        b = _claim(counter)
+        while b < nb:
+            r0, r1 = _span(b, R, nb)
+            for i in range(r0, r1):
+                xr = x[i]
+                if center:
+                    mu, m2 = _row_moments(xr)
+                else:
+                    mu = 0.0
+                    m2 = _row_sumsq_dev(xr, 0.0)
+                r = 1.0 / np.sqrt(m2 / D + eps)
+                mean[i] = mu
+                rstd[i] = r
+                orow = out[i]
+                for j in range(D):
+                    orow[j] = ((xr[j] - mu) * r) * weight[j] + bias[j]
+            b = _claim(counter)
 
 
 # The backward's two row sweeps may fuse a multiply and an add into one FMA (a single
@@ -919,40 +1041,55 @@ def rownorm_bwd(dy, x, weight, mean, rstd, center, dx, nthreads, stream):
     dy, x and dx must be C-contiguous.
     """
     R, D = x.shape
+    nb = _reduce_blocks(R, 16)
+    counter = np.zeros(1, np.int64)
+    pw = np.zeros((nb, D))
+    pb = np.zeros((nb, D))
+    for _t in prange(nthreads):
+        aw = _lined_empty(D, np.float64)
+        ab = _lined_empty(D, np.float64)
+        buf = _lined_empty(min(D, _STREAM_PIECE) if stream else 0, dx.dtype)
+        t = _claim(counter)
+        while t < nb:
+            r0, r1 = _span(t, R, nb)
+            aw[:] = 0.0
+            ab[:] = 0.0
+            _rownorm_bwd_range(dy, x, weight, mean, rstd, center, dx, r0, r1, aw, ab, buf, stream)
+            pw[t] = aw
+            pb[t] = ab
+            t = _claim(counter)
+        if stream:
+            _store_fence()
+    return pw.sum(axis=0), pb.sum(axis=0)
+
+
+@njit(**_JIT)
+def _rownorm_bwd_range(dy, x, weight, mean, rstd, center, dx, r0, r1, aw, ab, buf, stream):
+    """:func:`rownorm_bwd` over rows [r0, r1), adding their parameter gradients to
+    ``aw`` and ``ab``."""
+    R, D = x.shape
     x3 = x.reshape((1, R, D))
     g3 = dy.reshape((1, R, D))
     step = max(1, _LINE // x.itemsize)
-    pw = np.zeros((nthreads, D))
-    pb = np.zeros((nthreads, D))
-    for t in prange(nthreads):
-        r0, r1 = _span(t, R, nthreads)
-        aw = np.zeros(D)
-        ab = np.zeros(D)
-        buf = _lined_empty(min(D, _STREAM_PIECE) if stream else 0, dx.dtype)
-        for i in range(r0, r1 - 1, 2):
-            m0, s0, m1, s1 = mean[i], rstd[i], mean[i + 1], rstd[i + 1]
-            a1, a2, b1, b2 = _row_sums_grads2(dy[i], x[i], dy[i + 1], x[i + 1], weight, m0, s0, m1, s1, aw, ab)
-            ahead = i + 3 < r1  # the next pair's rows come in while dx is written from cache
-            if ahead:
-                _prefetch_row(x3, 0, i + 2, D, step)
-                _prefetch_row(g3, 0, i + 2, D, step)
-            k2, k3 = _row_dx_coefs(a1, a2, s0, D, center)
-            _row_dx_to(dy[i], x[i], weight, m0, s0, k2, k3, dx[i], buf, stream)
-            if ahead:
-                _prefetch_row(x3, 0, i + 3, D, step)
-                _prefetch_row(g3, 0, i + 3, D, step)
-            k2, k3 = _row_dx_coefs(b1, b2, s1, D, center)
-            _row_dx_to(dy[i + 1], x[i + 1], weight, m1, s1, k2, k3, dx[i + 1], buf, stream)
-        if (r1 - r0) % 2 == 1:
-            i = r1 - 1
-            s1, s2 = _row_sums_grads1(dy[i], x[i], weight, mean[i], rstd[i], aw, ab)
-            k2, k3 = _row_dx_coefs(s1, s2, rstd[i], D, center)
-            _row_dx_to(dy[i], x[i], weight, mean[i], rstd[i], k2, k3, dx[i], buf, stream)
-        if stream:
-            _store_fence()
-        pw[t] = aw
-        pb[t] = ab
-    return pw.sum(axis=0), pb.sum(axis=0)
+    for i in range(r0, r1 - 1, 2):
+        m0, s0, m1, s1 = mean[i], rstd[i], mean[i + 1], rstd[i + 1]
+        a1, a2, b1, b2 = _row_sums_grads2(dy[i], x[i], dy[i + 1], x[i + 1], weight, m0, s0, m1, s1, aw, ab)
+        ahead = i + 3 < r1  # the next pair's rows come in while dx is written from cache
+        if ahead:
+            _prefetch_row(x3, 0, i + 2, D, step)
+            _prefetch_row(g3, 0, i + 2, D, step)
+        k2, k3 = _row_dx_coefs(a1, a2, s0, D, center)
+        _row_dx_to(dy[i], x[i], weight, m0, s0, k2, k3, dx[i], buf, stream)
+        if ahead:
+            _prefetch_row(x3, 0, i + 3, D, step)
+            _prefetch_row(g3, 0, i + 3, D, step)
+        k2, k3 = _row_dx_coefs(b1, b2, s1, D, center)
+        _row_dx_to(dy[i + 1], x[i + 1], weight, m1, s1, k2, k3, dx[i + 1], buf, stream)
+    if (r1 - r0) % 2 == 1:
+        i = r1 - 1
+        s1, s2 = _row_sums_grads1(dy[i], x[i], weight, mean[i], rstd[i], aw, ab)
+        k2, k3 = _row_dx_coefs(s1, s2, rstd[i], D, center)
+        _row_dx_to(dy[i], x[i], weight, mean[i], rstd[i], k2, k3, dx[i], buf, stream)
 
 
 # ---------------------------------------------------------------------------
@@ -970,19 +1107,24 @@ def groupnorm_fwd(x, weight, bias, G, eps, out, mean, var, rstd, nthreads):
     """
     R, Cg, L = x.shape
     D = Cg * L
-    for t in prange(nthreads):
-        r0, r1 = _span(t, R, nthreads)
-        for i in range(r0, r1):
-            blk = x[i].reshape(D)
-            mu, m2 = _row_moments(blk)
-            r = 1.0 / np.sqrt(m2 / D + eps)
-            mean[i] = mu
-            var[i] = m2 / D
-            rstd[i] = r
-            g = i % G
-            for ci in range(Cg):
-                c = g * Cg + ci
-                _affine1(x[i, ci], mu, r * weight[c], bias[c], out[i, ci])
+    nb = _deal_blocks(R, nthreads, D * x.itemsize)
+    counter = np.zeros(1, np.int64)
+    for _t in prange(nthreads):
+        t = _claim(counter)
+        while t < nb:
+            r0, r1 = _span(t, R, nb)
+            for i in range(r0, r1):
+                blk = x[i].reshape(D)
+                mu, m2 = _row_moments(blk)
+                r = 1.0 / np.sqrt(m2 / D + eps)
+                mean[i] = mu
+                var[i] = m2 / D
+                rstd[i] = r
+                g = i % G
+                for ci in range(Cg):
+                    c = g * Cg + ci
+                    _affine1(x[i, ci], mu, r * weight[c], bias[c], out[i, ci])
+            t = _claim(counter)
 
 
 @njit(parallel=True, **_JIT)
@@ -995,33 +1137,38 @@ def groupnorm_bwd(dy, x, weight, G, mean, rstd, dx, nthreads):
     R, Cg, L = x.shape
     C = G * Cg
     D = Cg * L
-    pw = np.zeros((nthreads, C))
-    pb = np.zeros((nthreads, C))
-    for t in prange(nthreads):
-        r0, r1 = _span(t, R, nthreads)
-        for i in range(r0, r1):
-            mu = mean[i]
-            r = rstd[i]
-            g = i % G
-            sg = 0.0
-            sgx = 0.0
-            for ci in range(Cg):
-                c = g * Cg + ci
-                s1, s2 = _row_sum2(dy[i, ci], x[i, ci], mu)
-                pb[t, c] += s1
-                pw[t, c] += r * s2
-                sg += weight[c] * s1
-                sgx += weight[c] * s2
-            mg = sg / D
-            mgx = sgx * r / D
-            for ci in range(Cg):
-                w = weight[ci + g * Cg]
-                xr = x[i, ci]
-                gr = dy[i, ci]
-                dr = dx[i, ci]
-                for j in range(L):
-                    xh = (xr[j] - mu) * r
-                    dr[j] = r * (gr[j] * w - mg - xh * mgx)
+    nb = _reduce_blocks(R, 16)
+    pw = np.zeros((nb, C))
+    pb = np.zeros((nb, C))
+    counter = np.zeros(1, np.int64)
+    for _t in prange(nthreads):
+        t = _claim(counter)
+        while t < nb:
+            r0, r1 = _span(t, R, nb)
+            for i in range(r0, r1):
+                mu = mean[i]
+                r = rstd[i]
+                g = i % G
+                sg = 0.0
+                sgx = 0.0
+                for ci in range(Cg):
+                    c = g * Cg + ci
+                    s1, s2 = _row_sum2(dy[i, ci], x[i, ci], mu)
+                    pb[t, c] += s1
+                    pw[t, c] += r * s2
+                    sg += weight[c] * s1
+                    sgx += weight[c] * s2
+                mg = sg / D
+                mgx = sgx * r / D
+                for ci in range(Cg):
+                    w = weight[ci + g * Cg]
+                    xr = x[i, ci]
+                    gr = dy[i, ci]
+                    dr = dx[i, ci]
+                    for j in range(L):
+                        xh = (xr[j] - mu) * r
+                        dr[j] = r * (gr[j] * w - mg - xh * mgx)
+            t = _claim(counter)
     return pw.sum(axis=0), pb.sum(axis=0)
 
 
@@ -1060,16 +1207,21 @@ def online_fwd(x, mu, var, alpha_f, eps, weight, bias, out, nthreads):
     ``δ = m_t - μ``, ``μ += (1 - α)δ``, ``σ² = α σ² + (1 - α) s²_t + α(1 - α) δ²``.
     """
     N, C, L = x.shape
-    for t in prange(nthreads):
-        c0, c1 = _span(t, C, nthreads)
-        for n in range(N):
-            for c in range(c0, c1):
-                m = mu[c]
-                k = weight[c] / np.sqrt(var[c] + eps)
-                xr = x[n, c]
-                _affine1(xr, m, k, bias[c], out[n, c])
-                mt, m2 = _row_moments(xr)
-                mu[c], var[c] = _online_advance(m, var[c], mt, m2 / L, alpha_f)
+    nb = min(C, max(nthreads, 8))  # a few channels each: longer runs of memory per sample
+    counter = np.zeros(1, np.int64)
+    for _t in prange(nthreads):
+        t = _claim(counter)
+        while t < nb:
+            c0, c1 = _span(t, C, nb)
+            for n in range(N):
+                for c in range(c0, c1):
+                    m = mu[c]
+                    k = weight[c] / np.sqrt(var[c] + eps)
+                    xr = x[n, c]
+                    _affine1(xr, m, k, bias[c], out[n, c])
+                    mt, m2 = _row_moments(xr)
+                    mu[c], var[c] = _online_advance(m, var[c], mt, m2 / L, alpha_f)
+            t = _claim(counter)
 
 
 @njit(**_JIT)
@@ -1103,45 +1255,50 @@ def online_bwd(dout, x, mu, var, u, v, alpha_f, alpha_b, eps, weight, update, dx
     cb = 1.0 - alpha_b
     dw = np.zeros(C)
     db = np.zeros(C)
-    for t in prange(nthreads):
-        c0, c1 = _span(t, C, nthreads)
-        buf = _lined_empty(min(L, _STREAM_PIECE) if stream else 0, dx.dtype)
-        for n in range(N):
-            for c in range(c0, c1):
-                m = mu[c]
-                inv = 1.0 / np.sqrt(var[c] + eps)
-                w = weight[c]
-                xr = x[n, c]
-                gr = dout[n, c]
-                dr = dx[n, c]
-                if update:
-                    mt, m2 = _row_moments(xr)
-                    e = mt - m
-                    sg, sgd = _row_sum2(gr, xr, mt)
-                    sgy = (sgd + e * sg) * inv  # Σ dout·y
-                    syy = (m2 + L * e * e) * (inv * inv)  # Σ y²
-                    vc = v[c]
-                    uc = u[c]
-                    # dx = dout·w·inv - cb·v·inv²·(x - μ) - cb·u
-                    k1 = w * inv
-                    k2 = cb * vc * inv * inv
-                    k3 = cb * uc
-                    # with -b and -c: a·g - b·(x - m) - c, bit for bit
-                    if stream:
-                        _bn_dx1_streamed(gr, xr, m, k1, -k2, -k3, dr, buf)
-                    else:
-                        _bn_dx1(gr, xr, m, k1, -k2, -k3, dr)
-                    v[c] = vc + (w * sgy - cb * vc * syy) / L
-                    u[c] = uc + (k1 * sg - k2 * (L * e) - L * k3) / L
-                    mu[c], var[c] = _online_advance(m, var[c], mt, m2 / L, alpha_f)
-                else:  # eval mode froze the state
-                    sg, sgm = _row_sum2(gr, xr, m)
-                    sgy = sgm * inv
-                    _scaled(gr, w * inv, dr)
-                dw[c] += sgy
-                db[c] += sg
-        if stream:
-            _store_fence()
+    nb = min(C, max(nthreads, 8))  # a few channels each: longer runs of memory per sample
+    counter = np.zeros(1, np.int64)
+    for _t in prange(nthreads):
+        t = _claim(counter)
+        while t < nb:
+            c0, c1 = _span(t, C, nb)
+            buf = _lined_empty(min(L, _STREAM_PIECE) if stream else 0, dx.dtype)
+            for n in range(N):
+                for c in range(c0, c1):
+                    m = mu[c]
+                    inv = 1.0 / np.sqrt(var[c] + eps)
+                    w = weight[c]
+                    xr = x[n, c]
+                    gr = dout[n, c]
+                    dr = dx[n, c]
+                    if update:
+                        mt, m2 = _row_moments(xr)
+                        e = mt - m
+                        sg, sgd = _row_sum2(gr, xr, mt)
+                        sgy = (sgd + e * sg) * inv  # Σ dout·y
+                        syy = (m2 + L * e * e) * (inv * inv)  # Σ y²
+                        vc = v[c]
+                        uc = u[c]
+                        # dx = dout·w·inv - cb·v·inv²·(x - μ) - cb·u
+                        k1 = w * inv
+                        k2 = cb * vc * inv * inv
+                        k3 = cb * uc
+                        # with -b and -c: a·g - b·(x - m) - c, bit for bit
+                        if stream:
+                            _bn_dx1_streamed(gr, xr, m, k1, -k2, -k3, dr, buf)
+                        else:
+                            _bn_dx1(gr, xr, m, k1, -k2, -k3, dr)
+                        v[c] = vc + (w * sgy - cb * vc * syy) / L
+                        u[c] = uc + (k1 * sg - k2 * (L * e) - L * k3) / L
+                        mu[c], var[c] = _online_advance(m, var[c], mt, m2 / L, alpha_f)
+                    else:  # eval mode froze the state
+                        sg, sgm = _row_sum2(gr, xr, m)
+                        sgy = sgm * inv
+                        _scaled(gr, w * inv, dr)
+                    dw[c] += sgy
+                    db[c] += sg
+            if stream:
+                _store_fence()
+            t = _claim(counter)
     return dw, db
 
 
@@ -1260,9 +1417,10 @@ def _online_fwd_block(x, out, m_, v_, w_, b_, c0, a, eps, approx):
 def online_fwd_cols(x, mu, var, alpha_f, eps, weight, bias, out, nthreads, approx):
     """:func:`online_fwd` for (N, C) input (L = 1: s²_t = 0), vectorized over channels.
 
-    Each thread owns a contiguous block of channels and walks time in order, carrying
-    its block's state in arrays of its own (written back at the end), so that no cache
-    line of state is written by two threads, and taking four samples per sweep of a
+    The threads claim contiguous blocks of channels (:func:`_col_blocks`) in turn, and
+    each walks time in order over its block, carrying the block's state in arrays of
+    its own (written back at the end), so that no cache line of state is written by
+    two threads, and taking four samples per sweep of a
     wide block so that the state is read and written once for four.  With ``approx``
     (float32 data) the scale comes from :func:`_inv_sqrt`'s refined float32 start,
     unless :func:`_rsqrt_start_ok` refuses the block's start; a thread whose block met
@@ -1273,19 +1431,24 @@ def online_fwd_cols(x, mu, var, alpha_f, eps, weight, bias, out, nthreads, appro
     from vectorizing them).
     """
     C = x.shape[1]
-    for t in prange(nthreads):
-        c0, c1 = _span(t, C, nthreads)
-        m_ = _lined(mu[c0:c1])
-        v_ = _lined(var[c0:c1])
-        w_ = _lined(weight[c0:c1])
-        b_ = _lined(bias[c0:c1])
-        ap = approx and _rsqrt_start_ok(v_, eps)
-        if _online_fwd_block(x, out, m_, v_, w_, b_, c0, alpha_f, eps, ap) and ap:
-            m_[:] = mu[c0:c1]
-            v_[:] = var[c0:c1]
-            _online_fwd_block(x, out, m_, v_, w_, b_, c0, alpha_f, eps, False)
-        mu[c0:c1] = m_
-        var[c0:c1] = v_
+    nb = _col_blocks(C, nthreads, x.itemsize)
+    counter = np.zeros(1, np.int64)
+    for _t in prange(nthreads):
+        t = _claim(counter)
+        while t < nb:
+            c0, c1 = _span(t, C, nb)
+            m_ = _lined(mu[c0:c1])
+            v_ = _lined(var[c0:c1])
+            w_ = _lined(weight[c0:c1])
+            b_ = _lined(bias[c0:c1])
+            ap = approx and _rsqrt_start_ok(v_, eps)
+            if _online_fwd_block(x, out, m_, v_, w_, b_, c0, alpha_f, eps, ap) and ap:
+                m_[:] = mu[c0:c1]
+                v_[:] = var[c0:c1]
+                _online_fwd_block(x, out, m_, v_, w_, b_, c0, alpha_f, eps, False)
+            mu[c0:c1] = m_
+            var[c0:c1] = v_
+            t = _claim(counter)
 
 
 @njit(inline="always", **_JIT)
@@ -1350,49 +1513,54 @@ def _online_bwd_block(dout, x, dx, m_, v_, u_, vc_, w_, dw_, db_, c0, a, cb, eps
 
 @njit(parallel=True, **_JIT)
 def online_bwd_cols(dout, x, mu, var, u, v, alpha_f, alpha_b, eps, weight, update, dx, nthreads, approx):
-    """:func:`online_bwd` for (N, C) input (L = 1), vectorized over channels, each
-    thread carrying its channels' state in arrays of its own, two samples per sweep of
+    """:func:`online_bwd` for (N, C) input (L = 1), vectorized over channels, a
+    thread carrying its block of channels' state in arrays of its own, two samples per sweep of
     a wide block.  ``approx`` and the exact recomputation as in :func:`online_fwd_cols`."""
     N, C = x.shape
     cb = 1.0 - alpha_b
     dw = np.zeros(C)
     db = np.zeros(C)
-    for t in prange(nthreads):
-        c0, c1 = _span(t, C, nthreads)
-        m_ = _lined(mu[c0:c1])
-        v_ = _lined(var[c0:c1])
-        u_ = _lined(u[c0:c1])
-        vc_ = _lined(v[c0:c1])
-        w_ = _lined(weight[c0:c1])
-        dw_ = _lined(dw[c0:c1])
-        db_ = _lined(db[c0:c1])
-        if update:
-            ap = approx and _rsqrt_start_ok(v_, eps)
-            if _online_bwd_block(dout, x, dx, m_, v_, u_, vc_, w_, dw_, db_, c0, alpha_f, cb, eps, ap) and ap:
-                m_[:] = mu[c0:c1]
-                v_[:] = var[c0:c1]
-                u_[:] = u[c0:c1]
-                vc_[:] = v[c0:c1]
-                dw_[:] = 0.0
-                db_[:] = 0.0
-                _online_bwd_block(dout, x, dx, m_, v_, u_, vc_, w_, dw_, db_, c0, alpha_f, cb, eps, False)
-        else:
-            for n in range(N):
-                xr = x[n, c0:c1]
-                gr = dout[n, c0:c1]
-                dr = dx[n, c0:c1]
-                for c in range(c1 - c0):
-                    inv = 1.0 / np.sqrt(v_[c] + eps)
-                    y = (xr[c] - m_[c]) * inv
-                    go = np.float64(gr[c])
-                    dw_[c] += go * y
-                    db_[c] += go
-                    dr[c] = go * w_[c] * inv
-        dw[c0:c1] = dw_
-        db[c0:c1] = db_
-        if update:
-            mu[c0:c1] = m_
-            var[c0:c1] = v_
-            u[c0:c1] = u_
-            v[c0:c1] = vc_
+    nb = _col_blocks(C, nthreads, x.itemsize)
+    counter = np.zeros(1, np.int64)
+    for _t in prange(nthreads):
+        t = _claim(counter)
+        while t < nb:
+            c0, c1 = _span(t, C, nb)
+            m_ = _lined(mu[c0:c1])
+            v_ = _lined(var[c0:c1])
+            u_ = _lined(u[c0:c1])
+            vc_ = _lined(v[c0:c1])
+            w_ = _lined(weight[c0:c1])
+            dw_ = _lined(dw[c0:c1])
+            db_ = _lined(db[c0:c1])
+            if update:
+                ap = approx and _rsqrt_start_ok(v_, eps)
+                if _online_bwd_block(dout, x, dx, m_, v_, u_, vc_, w_, dw_, db_, c0, alpha_f, cb, eps, ap) and ap:
+                    m_[:] = mu[c0:c1]
+                    v_[:] = var[c0:c1]
+                    u_[:] = u[c0:c1]
+                    vc_[:] = v[c0:c1]
+                    dw_[:] = 0.0
+                    db_[:] = 0.0
+                    _online_bwd_block(dout, x, dx, m_, v_, u_, vc_, w_, dw_, db_, c0, alpha_f, cb, eps, False)
+            else:
+                for n in range(N):
+                    xr = x[n, c0:c1]
+                    gr = dout[n, c0:c1]
+                    dr = dx[n, c0:c1]
+                    for c in range(c1 - c0):
+                        inv = 1.0 / np.sqrt(v_[c] + eps)
+                        y = (xr[c] - m_[c]) * inv
+                        go = np.float64(gr[c])
+                        dw_[c] += go * y
+                        db_[c] += go
+                        dr[c] = go * w_[c] * inv
+            dw[c0:c1] = dw_
+            db[c0:c1] = db_
+            if update:
+                mu[c0:c1] = m_
+                var[c0:c1] = v_
+                u[c0:c1] = u_
+                v[c0:c1] = vc_
+            t = _claim(counter)
     return dw, db
