@@ -122,7 +122,8 @@ def test_block_counts():
     assert K._reduce_blocks(5, 16) == 2
     assert K._reduce_blocks(4096, 16) == 16
     assert K._reduce_blocks(100, 16) == 6
-    # (N, C) channels: slices of 16 KiB or more, at least one per thread
-    assert K._col_blocks(16384, 2, 4) == 4
+    # (N, C) channels: slices of 32 KiB or more, at least one per thread
+    assert K._col_blocks(16384, 2, 4) == 2
+    assert K._col_blocks(65536, 2, 4) == 8
     assert K._col_blocks(256, 2, 4) == 2
     assert K._col_blocks(256, 1, 4) == 1
