@@ -291,7 +291,7 @@ def numpy_group_norm_fb(x, dy, num_groups: int, weight, bias, eps: float = 1e-5)
     return y.reshape(x.shape), g.reshape(x.shape), dweight, dbias
 
 
-def numpy_online_norm(x, mu, var, weight, bias, *, alpha_fwd=0.999, eps=1e-5):
+def numpy_online_norm(x, mu, var, weight, bias, *, alpha_fwd=0.999, eps=1e-5, keep=True):
     """OnlineNorm train forward on (N, C, *S): a loop over time, vectorized over channels
     and values.
 
@@ -301,7 +301,8 @@ def numpy_online_norm(x, mu, var, weight, bias, *, alpha_fwd=0.999, eps=1e-5):
 
     Returns ``(y, xhat, rstd, (mu, var))``: the output, each step's normalized sample
     (float64, (N, C, L)) and ``1/sqrt(σ² + eps)`` ((N, C)) for the backward, and the
-    state after the call as float64 (C,) vectors.
+    state after the call as float64 (C,) vectors.  Without ``keep`` (a forward alone)
+    ``xhat`` and ``rstd`` are not stored and come back as None.
     """
     N, C = x.shape[:2]
     x3 = x.reshape(N, C, -1)
@@ -311,14 +312,15 @@ def numpy_online_norm(x, mu, var, weight, bias, *, alpha_fwd=0.999, eps=1e-5):
     mu = np.array(mu, dtype=np.float64)
     var = np.array(var, dtype=np.float64)
     y = np.empty_like(x3)
-    xhat = np.empty(x3.shape)
-    rstd = np.empty((N, C))
+    xhat = np.empty(x3.shape) if keep else None
+    rstd = np.empty((N, C)) if keep else None
     for t in range(N):
         r = 1 / np.sqrt(var + eps)
         h = (x3[t] - mu[:, None]) * r[:, None]
         y[t] = h * w + b
-        xhat[t] = h
-        rstd[t] = r
+        if keep:
+            xhat[t] = h
+            rstd[t] = r
         m = x3[t].mean(axis=1, dtype=np.float64)
         d = m - mu
         mu += (1 - a) * d
@@ -599,7 +601,7 @@ def _online_cases(on, xo, dyo, dname) -> list[Case]:
 
     def numpy_fwd():
         s, p = on.buffers, on.params
-        return numpy_online_norm(xo, s["mu"], s["var"], p["weight"], p["bias"], alpha_fwd=on.alpha_fwd, eps=on.eps)
+        return numpy_online_norm(xo, s["mu"], s["var"], p["weight"], p["bias"], alpha_fwd=on.alpha_fwd, eps=on.eps, keep=False)
 
     def numpy_fb():
         s, p = on.buffers, on.params

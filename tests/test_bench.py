@@ -323,6 +323,12 @@ def test_numpy_online_norm_matches(rng, dtype, shape):
         np.testing.assert_allclose(db, on.grads["bias"], **tol)
         for name, ours in (("mu", mu), ("var", var), ("u", u), ("v", v)):
             np.testing.assert_allclose(ours, on.buffers[name], rtol=1e-9, atol=1e-12, err_msg=name)
+        # the forward alone stores nothing for a backward, and gives the same output and state
+        y1, xhat1, rstd1, (mu1, var1) = B.numpy_online_norm(x, s["mu"], s["var"], w, b, alpha_fwd=0.9, eps=on.eps, keep=False)
+        assert xhat1 is None and rstd1 is None
+        np.testing.assert_array_equal(y1, y)
+        np.testing.assert_array_equal(mu1, mu)
+        np.testing.assert_array_equal(var1, var)
 
 
 def test_bench_peers_agree_with_ours_on_the_bench_cases():
