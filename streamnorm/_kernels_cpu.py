@@ -438,8 +438,9 @@ def col_moments(x, nthreads, block):
     Rows are split into contiguous work blocks (:func:`_reduce_blocks`) that the
     threads claim in turn; each is processed in blocks of ``block`` rows with a shifted
     two-pass (the block stays in cache), and each block is Chan-merged into its work
-    block's partial state.  The two sweeps over a block prefetch the next block, a row every other row, so that memory stays busy
-    while the second sweep runs from cache.  Returns three (A*B,) float64 arrays.
+    block's partial state.  The two sweeps over a block prefetch the next block, a row
+    every other row, so that memory stays busy while the second sweep runs from cache.
+    Returns three (A*B,) float64 arrays.
     """
     A, M, B = x.shape
     F = A * B
@@ -450,7 +451,9 @@ def col_moments(x, nthreads, block):
     # value; and any rounding of the mean enters M2 only at second order, since the
     # second sweep subtracts the mean it computed.  The first sweep saves a subtraction.
     single = x.itemsize == 4
-    nb = _reduce_blocks(M, 16 * block)  # the partial states' merge costs about 1 µs per block of 256 columns
+    # blocks of 16 or more cache blocks: merging the partial states costs about 1 µs per
+    # block of 256 columns, and each block's start is not prefetched
+    nb = _reduce_blocks(M, 16 * block)
     counter = np.zeros(1, np.int64)
     pn, pm, p2 = _zero_states(nb, F)
     for _t in prange(nthreads):
