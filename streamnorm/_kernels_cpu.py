@@ -646,6 +646,23 @@ def _affine1(xr, m, s, b, orow):
 
 
 @njit(**_JIT)
+def _t_affine(a, m, s, b):
+    return (a - m) * s + b
+
+
+@njit(**_RED)
+def _affine1_sum_shifted(xr, m, s, b, orow, k):
+    """:func:`_affine1` and, in the same sweep, ``Σ (xr[j] - k)`` in float64 (the sum
+    alone reassociated, as :func:`_row_sum_shifted`; ``orow`` the same bits as
+    :func:`_affine1`'s)."""
+    acc = 0.0
+    for j in range(xr.shape[0]):
+        orow[j] = _t_affine(xr[j], m, s, b)
+        acc += _t_dev(xr[j], k)
+    return acc
+
+
+@njit(**_JIT)
 def _affine1_streamed(xr, m, s, b, orow, buf):
     """:func:`_affine1` into ``orow`` piece by piece through ``buf`` (``_STREAM_PIECE``
     values) and :func:`_stream_row`."""
@@ -1182,6 +1199,12 @@ def groupnorm_bwd(dy, x, weight, G, mean, rstd, dx, nthreads):
 # ---------------------------------------------------------------------------
 
 
+#: the blocks of channels of the (N, C, L) kernels (fewer only with fewer channels):
+#: enough that a thread finding its core slow takes fewer of them, few enough that each
+#: sample's run of a block stays long (C/16 channels × L values)
+_ONLINE_BLOCKS = 16
+
+
 @njit(inline="always", **_JIT)
 def _online_advance(m, v, mt, st, a):
     """The carried (μ, σ²) after a sample of mean ``mt`` and biased variance ``st``:
@@ -1202,15 +1225,21 @@ def _online_advance1(m, v, xv, a):
 
 
 @njit(parallel=True, **_JIT)
-def online_fwd(x, mu, var, alpha_f, eps, weight, bias, out, nthreads):
+def online_fwd(x, mu, var, alpha_f, eps, weight, bias, out, moments, nthreads):
     """Online Normalization forward over time; ``mu`` and ``var`` (C,) carry the state.
 
     Sample t is normalized with the state from before it:
     ``y_t = (x_t - μ)/sqrt(σ² + eps)``, ``out_t = w·y_t + b``; then
     ``δ = m_t - μ``, ``μ += (1 - α)δ``, ``σ² = α σ² + (1 - α) s²_t + α(1 - α) δ²``.
+
+    Per sample and channel the L values are read twice while they sit in cache: one
+    sweep writes ``out_t`` and sums ``x - x_t[0]`` (the shift, as in
+    :func:`_row_moments`), the next sums ``(x - m_t)²``.  Each sample's mean m_t and
+    M2_t = L·s²_t go to ``moments[t, c]`` (shape (N, C, 2), float64), from which the
+    backward replays the state without reading x for them again.
     """
     N, C, L = x.shape
-    nb = min(C, max(nthreads, 8))  # a few channels each: longer runs of memory per sample
+    nb = min(C, max(nthreads, _ONLINE_BLOCKS))
     counter = np.zeros(1, np.int64)
     for _t in prange(nthreads):
         t = _claim(counter)
@@ -1221,8 +1250,11 @@ def online_fwd(x, mu, var, alpha_f, eps, weight, bias, out, nthreads):
                     m = mu[c]
                     k = weight[c] / np.sqrt(var[c] + eps)
                     xr = x[n, c]
-                    _affine1(xr, m, k, bias[c], out[n, c])
-                    mt, m2 = _row_moments(xr)
+                    k0 = np.float64(xr[0])
+                    mt = k0 + _affine1_sum_shifted(xr, m, k, bias[c], out[n, c], k0) / L
+                    m2 = _row_sumsq_dev(xr, mt)
+                    moments[n, c, 0] = mt
+                    moments[n, c, 1] = m2
                     mu[c], var[c] = _online_advance(m, var[c], mt, m2 / L, alpha_f)
             t = _claim(counter)
 
@@ -1235,21 +1267,21 @@ def _scaled(g, a, dx):
 
 
 @njit(parallel=True, **_JIT)
-def online_bwd(dout, x, mu, var, u, v, alpha_f, alpha_b, eps, weight, update, dx, nthreads, stream):
+def online_bwd(dout, x, mu, var, u, v, alpha_f, alpha_b, eps, weight, update, moments, dx, nthreads, stream):
     """Online Normalization backward; replays the forward recurrence from its start state.
 
-    ``mu``/``var`` enter as the forward's state *before* the call (they are advanced
-    here, sample by sample, exactly as the forward did), so no per-sample array is
-    stored by the forward.  With ``g = dout·w`` the gradient at y_t, per channel:
+    ``mu``/``var`` enter as the forward's state *before* the call and are advanced
+    here, sample by sample, from the per-sample ``moments`` (N, C, 2) the forward
+    wrote, so exactly as the forward did.  (An empty ``moments`` makes the backward
+    recompute them from x, one more sweep per sample.)  With ``g = dout·w`` the gradient at y_t, per channel:
     ``g̃ = g - (1 - α_b)·v·y``, ``v += ⟨g̃·y⟩``; ``ĝ = g̃/scale``;
     ``dx = ĝ - (1 - α_b)·u``, ``u += ⟨dx⟩`` (``⟨·⟩`` the mean over L).  With
     ``update`` false (eval mode) the control terms are skipped: ``dx = g/scale``.
     Returns per-channel (dweight, dbias); ``u`` and ``v`` are updated in place.
 
-    Per sample and channel the L values are read three times while they sit in cache:
-    the sample mean m_t (vectorized sum), then Σ(x - m_t)², Σ dout and
-    Σ dout·(x - m_t) in one sweep, then dx.  The sums the recurrences need follow
-    exactly: with ``e = m_t - μ``, ``Σ(x - μ)² = M2_t + L·e²`` (two non-negative
+    Per sample and channel the L values are read twice while they sit in cache:
+    Σ dout and Σ dout·(x - m_t) in one sweep, then dx.  The sums the recurrences need
+    follow exactly: with ``e = m_t - μ``, ``Σ(x - μ)² = M2_t + L·e²`` (two non-negative
     terms) and ``Σ dout·(x - μ) = Σ dout·(x - m_t) + e·Σ dout``; ``⟨g̃·y⟩`` and
     ``⟨dx⟩`` are linear in them.  With ``stream`` (train mode) dx goes out as in
     :func:`bn_bwd_dx_ncl_streamed`.
@@ -1258,7 +1290,8 @@ def online_bwd(dout, x, mu, var, u, v, alpha_f, alpha_b, eps, weight, update, dx
     cb = 1.0 - alpha_b
     dw = np.zeros(C)
     db = np.zeros(C)
-    nb = min(C, max(nthreads, 8))  # a few channels each: longer runs of memory per sample
+    nb = min(C, max(nthreads, _ONLINE_BLOCKS))
+    kept = moments.shape[0] > 0
     counter = np.zeros(1, np.int64)
     for _t in prange(nthreads):
         t = _claim(counter)
@@ -1274,7 +1307,11 @@ def online_bwd(dout, x, mu, var, u, v, alpha_f, alpha_b, eps, weight, update, dx
                     gr = dout[n, c]
                     dr = dx[n, c]
                     if update:
-                        mt, m2 = _row_moments(xr)
+                        if kept:
+                            mt = moments[n, c, 0]
+                            m2 = moments[n, c, 1]
+                        else:
+                            mt, m2 = _row_moments(xr)
                         e = mt - m
                         sg, sgd = _row_sum2(gr, xr, mt)
                         sgy = (sgd + e * sg) * inv  # Σ dout·y

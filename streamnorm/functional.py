@@ -1250,6 +1250,9 @@ class OnlineNormCache(NamedTuple):
         The shape of the forward input.
     ls_rstd : optional
         GPU input with ``ecm='ls'`` only: each sample's 1/RMS from the forward.
+    moments : ndarray of float64, shape (N, C, 2), or None
+        CPU input, train mode, L > 1 only: each sample's mean and sum of squared
+        deviations per channel, from which the backward replays the state.
 
     Examples
     --------
@@ -1271,9 +1274,11 @@ class OnlineNormCache(NamedTuple):
     out: np.ndarray | None  # the affine output before error compensation ('ac', 'ls')
     shape: tuple[int, ...]
     ls_rstd: Any = None  # GPU, ecm='ls': each sample's 1/RMS from the forward
+    moments: np.ndarray | None = None  # CPU, train, L > 1: each sample's (mean, M2)
 
 
 _ECM_CLIP = 5.0
+_NO_MOMENTS = np.empty((0, 0, 2))  # a cache without them: the backward recomputes them
 _ECM_LS_EPS = 1e-5
 
 
@@ -1398,6 +1403,7 @@ def online_norm_forward(
     # with error compensation the affine output is kept for the backward: a new array
     y = _memory.empty(x3.shape, x.dtype, near=x3) if out3 is None or ecm is not None else out3
     new_mu, new_var = mu0.copy(), var0.copy()
+    moments = None
     if x3.size:
         if training and x3.shape[2] == 1:
             K.online_fwd_cols(
@@ -1405,7 +1411,8 @@ def online_norm_forward(
                 x.dtype == np.float32,
             )
         elif training:
-            K.online_fwd(x3, new_mu, new_var, float(alpha_fwd), eps, wk, bk, y, _moments.nthreads())
+            moments = np.empty((*x3.shape[:2], 2))
+            K.online_fwd(x3, new_mu, new_var, float(alpha_fwd), eps, wk, bk, y, moments, _moments.nthreads())
         else:
             K.affine(x3, mu0, wk / np.sqrt(var0 + eps), bk, y)
     pre = None
@@ -1415,7 +1422,7 @@ def online_norm_forward(
     elif ecm == "ls":
         pre = y
         y = np.multiply(pre, _ls_factor(pre), out=np.empty_like(pre) if out3 is None else out3, casting="same_kind")
-    cache = OnlineNormCache(x3, mu0, var0, wk, float(alpha_fwd), eps, bool(training), ecm, pre, x.shape)
+    cache = OnlineNormCache(x3, mu0, var0, wk, float(alpha_fwd), eps, bool(training), ecm, pre, x.shape, None, moments)
     return y.reshape(x.shape), new_mu, new_var, cache
 
 
@@ -1483,6 +1490,14 @@ def online_norm_backward(dy, cache: OnlineNormCache, u, v, *, alpha_bkw: float =
         raise ValueError(f"alpha_bkw must be in [0, 1), got {alpha_bkw!r}")
     x3 = cache.x3
     C = x3.shape[1]
+    kept = cache.moments
+    if kept is not None and (
+        kept.shape != (*x3.shape[:2], 2) or kept.dtype != np.float64 or not kept.flags.c_contiguous
+    ):
+        raise ValueError(
+            f"cache.moments must be a C-contiguous float64 array of shape {(*x3.shape[:2], 2)} (or None), "
+            f"got {kept.dtype} of shape {kept.shape}"
+        )
     new_u = _vec(u, C, "u").copy()
     new_v = _vec(v, C, "v").copy()
     g = np.ascontiguousarray(canonical_view(dy, x3.shape))
@@ -1503,7 +1518,8 @@ def online_norm_backward(dy, cache: OnlineNormCache, u, v, *, alpha_bkw: float =
     elif x3.size:
         dw, db = K.online_bwd(
             g, x3, cache.mu0.copy(), cache.var0.copy(), new_u, new_v, cache.alpha_fwd, float(alpha_bkw),
-            cache.eps, cache.weight, cache.training, dx, _moments.nthreads(), _memory.streaming(dx, x3.shape[2]),
+            cache.eps, cache.weight, cache.training, _NO_MOMENTS if kept is None else kept, dx,
+            _moments.nthreads(), _memory.streaming(dx, x3.shape[2]),
         )
     else:
         dw, db = np.zeros(C), np.zeros(C)

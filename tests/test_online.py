@@ -294,6 +294,48 @@ def test_cols_kernels_give_the_same_bits_for_every_thread_split(rng, dtype, C):
             np.testing.assert_array_equal(a, e)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_maps_forward_keeps_the_moments_that_advanced_its_state(rng, dtype):
+    # (N, C, L): the forward keeps each sample's mean and M2 per channel; the backward
+    # replays the state from them, so they must be the very numbers the forward
+    # advanced its state with (bit for bit) and the sample's moments (to rounding)
+    from fractions import Fraction
+
+    N, C, L, a = 9, 5, 37, 0.7
+    x = (rng.standard_normal((N, C, L)) * 3 + 100).astype(dtype)
+    mu, var = rng.standard_normal(C), rng.uniform(0.5, 2, C)
+    _, new_mu, new_var, cache = F.online_norm_forward(x, mu, var, alpha_fwd=a)
+    kept = cache.moments
+    assert kept.shape == (N, C, 2) and kept.dtype == np.float64
+    m, v = mu.copy(), var.copy()
+    for t in range(N):  # _online_advance, written out: the same operations in float64
+        d = kept[t, :, 0] - m
+        m, v = m + (1.0 - a) * d, a * v + (1.0 - a) * (kept[t, :, 1] / L) + a * (1.0 - a) * d * d
+    np.testing.assert_array_equal(m, new_mu)
+    np.testing.assert_array_equal(v, new_var)
+    for t, c in ((0, 0), (4, 2), (N - 1, C - 1)):
+        vals = [Fraction(float(e)) for e in x[t, c]]
+        mean = sum(vals) / L
+        m2 = sum((e - mean) ** 2 for e in vals)
+        assert kept[t, c, 0] == pytest.approx(float(mean), rel=1e-15)
+        assert kept[t, c, 1] == pytest.approx(float(m2), rel=1e-12)
+
+
+def test_maps_backward_recomputes_moments_missing_from_the_cache(rng):
+    N, C, L = 6, 4, 50
+    x = rng.standard_normal((N, C, L)) * 2 + 1
+    dy = rng.standard_normal((N, C, L))
+    *_, cache = F.online_norm_forward(x, np.zeros(C), np.ones(C), alpha_fwd=0.8)
+    u, v = np.full(C, 0.1), np.full(C, -0.3)
+    kept = F.online_norm_backward(dy, cache, u, v, alpha_bkw=0.9)
+    again = F.online_norm_backward(dy, cache._replace(moments=None), u, v, alpha_bkw=0.9)
+    for a, e in zip(kept, again):
+        np.testing.assert_allclose(a, e, rtol=1e-12, atol=1e-14)
+    for bad in (cache.moments[:-1], cache.moments.astype(np.float32), np.asfortranarray(cache.moments)):
+        with pytest.raises(ValueError, match="cache.moments must be"):
+            F.online_norm_backward(dy, cache._replace(moments=bad), u, v)
+
+
 def test_narrow_rows_run_on_one_thread():
     import numba
 
