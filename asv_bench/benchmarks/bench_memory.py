@@ -1,8 +1,8 @@
 """Memory of each layer's forward beyond its input and its output.
 
 A forward allocates its output and, apart from it, only statistics (per channel, per
-group or per row) and per-thread partial sums, so its peak is at most input + output
-+ O(features).  The ``peakmem_`` benchmarks of the other files report the peak of the
+group, per row, or per sample and channel) and per-block partial sums, so its peak is
+at most input + output + the size of those statistics.  The ``peakmem_`` benchmarks of the other files report the peak of the
 whole process (interpreter, numba, the data of ``setup``), in which that last term is
 lost; :class:`ForwardExtraMemory` measures it on its own:
 
@@ -12,12 +12,13 @@ lost; :class:`ForwardExtraMemory` measures it on its own:
 
 in bytes, for 16 MiB of float32 input (32 MiB in float64; 1 MiB on the small grid of
 common.py).  Anything the forward copied or allocated in the size of its input would
-show here as megabytes; a healthy forward stays at a few pages.
+show here as megabytes; a healthy forward stays at a few pages beyond its statistics.
 
 How it is measured
 ------------------
 One child process (``sys.executable``) measures every case in ``setup_cache``.  For
-each case it builds the input and the layer and calls ``forward`` once (compiling or
+each case it builds the input and the layer (with ``reuse_output = False``, so that
+every call allocates a new output) and calls ``forward`` once (compiling or
 loading the kernels and starting numba's threads); then, for each of a few measured
 calls, it drops the previous output, collects garbage, hands freed heap memory back
 to the operating system (``malloc_trim``), resets the kernel's high-water mark of
@@ -28,8 +29,8 @@ scratch included (numba allocates it with ``malloc``), is a mapping of its own t
 shows in the high-water mark instead of reusing memory already resident.  tracemalloc
 would not do: it sees NumPy's allocations, not numba's.
 
-The resolution is a page (4 KiB) and a few pages of noise.  The high-water mark is
-Linux's: elsewhere the benchmark is skipped.
+The high-water mark is Linux's (elsewhere the benchmark is skipped), recorded from
+per-CPU counters read approximately: its resolution is about 100 KiB, not a page.
 """
 
 from __future__ import annotations
@@ -117,6 +118,7 @@ for name, cls, args, kwargs, mode, shape, dtype in cases:
     g = np.random.default_rng(20240601)
     x = g.normal(0.5, 2.0, size=shape).astype(dtype)
     layer = getattr(sn, cls)(*args, **kwargs)
+    layer.reuse_output = False  # a new output each call: the one term subtracted below
     y = layer.forward(x)
     if mode == "eval":
         layer.eval()
