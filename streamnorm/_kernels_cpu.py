@@ -639,15 +639,15 @@ def _affine_cols(xr, mean, scale, shift, orow):
 
 
 @njit(**_JIT)
-def _affine1(xr, m, s, b, orow):
-    """``orow = (xr - m)·s + b`` over one row, with scalar coefficients."""
-    for j in range(xr.shape[0]):
-        orow[j] = (xr[j] - m) * s + b
+def _t_affine(a, m, s, b):
+    return (a - m) * s + b
 
 
 @njit(**_JIT)
-def _t_affine(a, m, s, b):
-    return (a - m) * s + b
+def _affine1(xr, m, s, b, orow):
+    """``orow = (xr - m)·s + b`` over one row, with scalar coefficients."""
+    for j in range(xr.shape[0]):
+        orow[j] = _t_affine(xr[j], m, s, b)
 
 
 @njit(**_RED)
