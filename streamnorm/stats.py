@@ -21,10 +21,11 @@ class RunningStats:
     """Streaming per-feature mean and variance that can be updated chunk by chunk and merged.
 
     The state is ``(count, mean, M2)`` per feature, always float64, whatever the input
-    dtype.  Chunks are reduced by a parallel numba kernel (blocks of rows, shifted
-    two-pass per block, Chan merge); states combine with Chan's formula, so any split of
-    the data into chunks, and any merge order, gives the same result to ~1e-12
-    relative.  The variance is never formed as ``E[x²] - E[x]²``.
+    dtype.  Chunks are reduced by a parallel numba kernel (blocks of rows, one shifted
+    sweep per block and a second where it cancels, Chan merge); states combine with
+    Chan's formula, so any split of the data into chunks, and any merge order, gives
+    the same result to ~1e-12 relative.  The variance is never formed as an unshifted
+    ``E[x²] - E[x]²``.
 
     Parameters
     ----------

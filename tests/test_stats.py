@@ -74,9 +74,51 @@ def test_column_kernel_at_every_block_boundary(rng, dtype, block, nthreads):
             assert m2[a * 37 + j] / 101 == pytest.approx(var, rel=1e-12)
 
 
-def test_float32_columns_without_shift_stay_exact(rng):
-    # float32 columns are summed without a shift: an offset of 1e4 std and values
-    # spread over many orders of magnitude must still match math.fsum
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_column_sums_far_from_their_shift(rng, dtype):
+    # the column kernel sums (x - k) and (x - k)² in one sweep, shifted by a block's
+    # first row or by the mean of the rows before it: an outlier first row, a level
+    # that jumps between blocks and two close levels must still match exact sums
+    from streamnorm import _kernels_cpu as K
+
+    x = rng.standard_normal((400, 4))
+    x[0, 0] = 1e7
+    x[200:, 1] += 1e6
+    x[::2, 2] = 3.0
+    x[1::2, 2] = 3.0 + 2.0**-20
+    x = x.astype(dtype)
+    for block in (8, 64, 400):
+        n, mean, m2 = K.col_moments(x.reshape(1, 400, 4), 2, block)
+        for j in range(4):
+            mu, var = fsum_mean_var(x[:, j].astype(np.float64))
+            assert mean[j] == pytest.approx(mu, rel=1e-13)
+            assert m2[j] / 400 == pytest.approx(var, rel=1e-12)
+
+
+def test_column_block_moments_flag_cancellation():
+    # the one-sweep block moments say when M2 = s2 - s1²/n lost more than a factor
+    # _CANCEL of s2, so that the kernel sweeps that block again around its mean
+    from streamnorm import _kernels_cpu as K
+
+    n = 10.0
+    k = np.array([0.0, 5.0])
+    mean = np.empty(2)
+    # column 0: deviations about 1 around a shift at the mean; column 1: shifted by 5
+    # from a mean of 0 with unit spread, so s2 = n (1 + 25) and M2 = n
+    s1 = np.array([0.0, -50.0])
+    s2 = np.array([10.0, 260.0])
+    assert K._col_block_moments(k, s1, s2, n, mean)
+    np.testing.assert_array_equal(mean, [0.0, 0.0])
+    np.testing.assert_array_equal(s2, [10.0, 10.0])
+    s1 = np.array([0.0, -10.0])
+    s2 = np.array([10.0, 20.0])  # mean 4, M2 = 10: half of s2, within the factor
+    assert not K._col_block_moments(k, s1, s2, n, mean)
+    np.testing.assert_array_equal(mean, [0.0, 4.0])
+
+
+def test_float32_columns_stay_exact(rng):
+    # an offset of 1e4 std and values spread over many orders of magnitude must still
+    # match math.fsum
     x = np.empty((3000, 3), dtype=np.float32)
     x[:, 0] = 1e4 + rng.standard_normal(3000)
     x[:, 1] = rng.standard_normal(3000) * np.logspace(-20, 20, 3000)
