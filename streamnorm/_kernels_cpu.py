@@ -190,6 +190,10 @@ _STREAM_PIECE = 1024
 
 _RED = dict(_JIT, fastmath={"reassoc"})
 
+#: one sweep's shifted sums may lose at most this factor of Σ (x - k)² to cancellation
+#: (4 bits) before M2 is summed again around the mean (docs/math.rst)
+_CANCEL = 16.0
+
 
 @njit(**_JIT)
 def _t_dev(a, k):
@@ -236,17 +240,38 @@ def _row_sum2(g, x, mu):
     return s1, s2
 
 
+@njit(**_RED)
+def _row_sums_shifted(v, k):
+    """(Σ (v[j] - k), Σ (v[j] - k)²) in float64, in one sweep."""
+    s1 = 0.0
+    s2 = 0.0
+    for j in range(v.shape[0]):
+        s1 += _t_dev(v[j], k)
+        s2 += _t_sqdev(v[j], k)
+    return s1, s2
+
+
 @njit(**_JIT)
 def _row_moments(v):
-    """(mean, M2) of a contiguous row: shifted two-pass (the row stays in cache).
+    """(mean, M2) of a contiguous row: one shifted sweep, and a second from cache,
+    shifted by the mean the first found, where the first one's sums cancel (as
+    :func:`_col_block_moments`; docs/math.rst).
 
     The shift is the row's first value, so a constant row gives mean equal to that
     value and M2 exactly 0.
     """
     n = v.shape[0]
     k = np.float64(v[0])
-    mu = k + _row_sum_shifted(v, k) / n
-    return mu, _row_sumsq_dev(v, mu)
+    s1, s2 = _row_sums_shifted(v, k)
+    d = s1 / n
+    m2 = s2 - s1 * d
+    mu = k + d
+    if m2 * _CANCEL < s2:
+        s1, s2 = _row_sums_shifted(v, mu)
+        d = s1 / n
+        m2 = s2 - s1 * d
+        mu = mu + d
+    return mu, m2
 
 
 @njit(**_JIT)
@@ -461,11 +486,6 @@ def col_moments(x, nthreads, block):
             _col_moments_range(x, r0, r1, block, k, s1, s2, mb, pn[t], pm[t], p2[t])
             t = _claim(counter)
     return _merge_partials(pn, pm, p2)
-
-
-#: a cache block's sums may lose at most this factor to cancellation (4 bits) before
-#: its M2 is summed again around its mean (docs/math.rst)
-_CANCEL = 16.0
 
 
 @njit(**_JIT)
@@ -1010,23 +1030,31 @@ def bn_dx(dy, x, mean, k1, k2, k3, dx):
 
 
 @njit(parallel=True, **_JIT)
-def rownorm_fwd(x, weight, bias, eps, center, out, mean, rstd, nthreads):
+def rownorm_fwd(x, weight, bias, eps, center, out, mean, rstd, nthreads, stream):
     """LayerNorm (``center``) or RMSNorm forward over the rows of ``x`` (R, D).
 
     LayerNorm: ``y = (x - μ)·r·w + b`` with ``r = 1/sqrt(var + eps)`` (biased var).
     RMSNorm:   ``y = x·r·w + b`` with ``r = 1/sqrt(mean(x²) + eps)`` (pass b = 0).
     Writes ``mean`` (zeros for RMSNorm) and ``rstd`` (R,) for the backward.  x and out
-    must be C-contiguous.  A row is read from memory once and stays in cache for the
-    three sweeps (sum, squared deviations, output).
+    must be C-contiguous.  A row is read from memory once and stays in cache for its
+    sweeps (the moments, then the output); the next row is prefetched meanwhile, since
+    a row of a page or more is where a core's own prefetcher stops.  float32 rows are
+    written in float32 arithmetic from a two-term mean (:func:`_row_out`; ``weight``
+    and ``bias`` then float32), and with ``stream`` through streaming stores.
     """
     R, D = x.shape
     nb = _deal_blocks(R, nthreads, D * x.itemsize)
     counter = np.zeros(1, np.int64)
+    x3 = x.reshape((1, R, D))
+    step = max(1, _LINE // x.itemsize)
     for t in prange(nthreads):
+        buf = _lined_empty(min(D, _STREAM_PIECE) if stream else 0, out.dtype)
         b = _claim(counter)
         while b < nb:
             r0, r1 = _span(b, R, nb)
             for i in range(r0, r1):
+                if i + 1 < r1:
+                    _prefetch_row(x3, 0, i + 1, D, step)
                 xr = x[i]
                 if center:
                     mu, m2 = _row_moments(xr)
@@ -1036,10 +1064,32 @@ def rownorm_fwd(x, weight, bias, eps, center, out, mean, rstd, nthreads):
                 r = 1.0 / np.sqrt(m2 / D + eps)
                 mean[i] = mu
                 rstd[i] = r
-                orow = out[i]
-                for j in range(D):
-                    orow[j] = ((xr[j] - mu) * r) * weight[j] + bias[j]
+                if stream:
+                    for j0 in range(0, D, _STREAM_PIECE):
+                        j1 = min(j0 + _STREAM_PIECE, D)
+                        _row_out(xr[j0:j1], mu, r, weight[j0:j1], bias[j0:j1], buf[: j1 - j0])
+                        _stream_row(buf[: j1 - j0], out[i, j0:j1])
+                else:
+                    _row_out(xr, mu, r, weight, bias, out[i])
             b = _claim(counter)
+        if stream:
+            _store_fence()
+
+
+@njit(**_JIT)
+def _row_out(xr, mu, r, weight, bias, orow):
+    """``orow = ((xr - mu)·r)·weight + bias`` over one row.  For float32 rows in float32
+    arithmetic, with the mean as two float32 terms and r rounded to float32 (the
+    reasoning of ``affine_coefs``); in float64 otherwise."""
+    if orow.itemsize == 4 and xr.itemsize == 4:
+        h = np.float32(mu)
+        lo = np.float32(mu - np.float64(h))
+        r32 = np.float32(r)
+        for j in range(xr.shape[0]):
+            orow[j] = (((xr[j] - h) - lo) * r32) * weight[j] + bias[j]
+    else:
+        for j in range(xr.shape[0]):
+            orow[j] = ((xr[j] - mu) * r) * weight[j] + bias[j]
 
 
 # The backward's two row sweeps may fuse a multiply and an add into one FMA (a single

@@ -780,8 +780,13 @@ def _rownorm_forward(x, normalized_shape, weight, bias, eps, center, out=None):
     mean = np.empty(R)
     rstd = np.empty(R)
     if R:
-        # γ and β are read beside every row: on a cache line (see _memory.lined)
-        K.rownorm_fwd(x2, _memory.lined(wk), _memory.lined(bk), eps, center, y, mean, rstd, _moments.nthreads())
+        # γ and β are read beside every row: on a cache line (see _memory.lined), in
+        # float32 where the row is written in float32 arithmetic (K._row_out)
+        pdt = np.float32 if x2.dtype == np.float32 and y.dtype == np.float32 else np.float64
+        wl = _memory.lined(np.asarray(wk, dtype=pdt))
+        bl = _memory.lined(np.asarray(bk, dtype=pdt))
+        stream = _memory.streaming(y, D)
+        K.rownorm_fwd(x2, wl, bl, eps, center, y.reshape(R, D), mean, rstd, _moments.nthreads(), stream)
     cache = RowNormCache(x2, mean, rstd, wk, w is not None, b is not None, center, ns, x.shape)
     return y.reshape(x.shape), cache
 

@@ -83,6 +83,31 @@ def test_offset_rows(rng):
     np.testing.assert_allclose(y, ref, atol=1e-7)
 
 
+@pytest.mark.parametrize("center", [True, False])
+def test_float32_rows_within_a_few_ulps(rng, center):
+    # float32 rows are written in float32 arithmetic from a two-term mean: on rows 1e4
+    # std away from zero they stay within a few ulps of the float64 computation
+    x = (1e4 + rng.standard_normal((6, 512))).astype(np.float32)
+    w, b = rng.normal(1, 0.5, 512), rng.normal(size=512)
+    if center:
+        y, cache = F.layer_norm_forward(x, 512, w, b)
+    else:
+        y, cache = F.rms_norm_forward(x, 512, w)
+        b = np.zeros(512)
+    mu, r = cache.mean[:, None], cache.rstd[:, None]
+    ref = (x.astype(np.float64) - mu) * r * w + b
+    eps = np.finfo(np.float32).eps
+    assert y.dtype == np.float32
+    assert np.all(np.abs(y - ref) <= 4 * eps * (np.abs(ref - b) + np.abs(b)))
+
+
+def test_constant_float32_row_gives_exactly_bias():
+    x = np.full((3, 40), 1e4 / 3, dtype=np.float32)
+    b = np.linspace(-1, 1, 40)
+    y, _ = F.layer_norm_forward(x, 40, None, b)
+    np.testing.assert_array_equal(y, np.broadcast_to(b.astype(np.float32), y.shape))
+
+
 def test_errors():
     ln = sn.LayerNorm(4)
     with pytest.raises(ValueError, match="normalized_shape"):

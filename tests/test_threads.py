@@ -94,7 +94,7 @@ def test_kernels_cover_every_row_once_whatever_thread_count_they_are_told(nthrea
     out = np.full_like(x, np.nan)
     mean = np.full(1000, np.nan)
     rstd = np.full(1000, np.nan)
-    K.rownorm_fwd(x, w, b, 1e-5, True, out, mean, rstd, nthreads)
+    K.rownorm_fwd(x, w, b, 1e-5, True, out, mean, rstd, nthreads, False)
     mu = x.mean(1)
     r = 1 / np.sqrt(x.var(1) + 1e-5)
     np.testing.assert_allclose(out, (x - mu[:, None]) * r[:, None] * w + b, rtol=1e-12, atol=1e-12)
