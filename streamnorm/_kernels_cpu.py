@@ -1251,18 +1251,22 @@ def _rownorm_bwd_range(dy, x, weight, mean, rstd, center, dx, r0, r1, aw, ab, bu
 
 
 @njit(parallel=True, **_JIT)
-def groupnorm_fwd(x, weight, bias, G, eps, out, mean, var, rstd, nthreads):
+def groupnorm_fwd(x, weight, bias, G, eps, out, mean, var, rstd, nthreads, stream):
     """GroupNorm forward on the contiguous view x (N*G, Cg, L).
 
     Each (sample, group) block of Cg·L values is contiguous: its moments come from the
-    row helpers (shifted two-pass in cache); channel ``c = g·Cg + ci`` then gets
-    ``y = (x - μ)·r·w[c] + b[c]``.  Writes ``mean``, biased ``var`` and ``rstd`` (N*G,).
+    row helpers (one shifted sweep in cache, :func:`_row_moments`); channel
+    ``c = g·Cg + ci`` then gets ``y = (x - μ)·r·w[c] + b[c]``, for float32 blocks in
+    float32 arithmetic from a two-term mean (``affine_coefs``), and with ``stream``
+    through streaming stores.  Writes ``mean``, biased ``var`` and ``rstd`` (N*G,).
     """
     R, Cg, L = x.shape
     D = Cg * L
+    single = x.itemsize == 4 and out.itemsize == 4
     nb = _deal_blocks(R, nthreads, D * x.itemsize)
     counter = np.zeros(1, np.int64)
     for _t in prange(nthreads):
+        buf = _lined_empty(min(L, _STREAM_PIECE) if stream else 0, out.dtype)
         t = _claim(counter)
         while t < nb:
             r0, r1 = _span(t, R, nb)
@@ -1276,8 +1280,24 @@ def groupnorm_fwd(x, weight, bias, G, eps, out, mean, var, rstd, nthreads):
                 g = i % G
                 for ci in range(Cg):
                     c = g * Cg + ci
-                    _affine1(x[i, ci], mu, 0.0, r * weight[c], bias[c], out[i, ci])
+                    if single:
+                        h = np.float32(mu)
+                        _groupnorm_out(x[i, ci], h, np.float32(mu - np.float64(h)), np.float32(r * weight[c]),
+                                       np.float32(bias[c]), out[i, ci], buf, stream)
+                    else:
+                        _groupnorm_out(x[i, ci], mu, 0.0, r * weight[c], bias[c], out[i, ci], buf, stream)
             t = _claim(counter)
+        if stream:
+            _store_fence()
+
+
+@njit(**_JIT)
+def _groupnorm_out(xr, m, lo, s, b, orow, buf, stream):
+    """:func:`_affine1`, through :func:`_affine1_streamed` when ``stream``."""
+    if stream:
+        _affine1_streamed(xr, m, lo, s, b, orow, buf)
+    else:
+        _affine1(xr, m, lo, s, b, orow)
 
 
 @njit(parallel=True, **_JIT)

@@ -1083,7 +1083,8 @@ def group_norm_forward(x, num_groups: int, weight=None, bias=None, eps: float = 
     rstd = np.empty(N * G)
     var = np.empty(N * G)
     if x3.size:
-        K.groupnorm_fwd(x3, wk, bk, G, eps, y, mean, var, rstd, _moments.nthreads())
+        stream = _memory.streaming(y, x3.shape[2])
+        K.groupnorm_fwd(x3, wk, bk, G, eps, y, mean, var, rstd, _moments.nthreads(), stream)
     return y.reshape(x.shape), GroupNormCache(x3, mean, rstd, var, wk, G, x.shape)
 
 

@@ -148,3 +148,17 @@ def test_rms_norm_layer(rng):
     assert dx.shape == x.shape and rn.grads["weight"].shape == (6,)
     with pytest.raises(ValueError, match="normalized_shape"):
         rn(np.ones((3, 5)))
+
+
+def test_groupnorm_float32_offset_within_a_few_ulps(rng):
+    # float32 blocks are written in float32 arithmetic from a two-term mean
+    x = (1e4 + rng.standard_normal((3, 4, 50))).astype(np.float32)
+    w, b = rng.normal(1, 0.5, 4), rng.normal(size=4)
+    y, cache = F.group_norm_forward(x, 2, w, b)
+    mu = np.repeat(cache.mean.reshape(3, 2), 2, axis=1)[:, :, None]
+    r = np.repeat(cache.rstd.reshape(3, 2), 2, axis=1)[:, :, None]
+    ref = (x.astype(np.float64) - mu) * r * w[:, None] + b[:, None]
+    bv = np.broadcast_to(b[:, None], ref.shape)
+    eps = np.finfo(np.float32).eps
+    assert y.dtype == np.float32
+    assert np.all(np.abs(y - ref) <= 4 * eps * (np.abs(ref - bv) + np.abs(bv)))

@@ -160,6 +160,8 @@ def _layer_results(make, x, dy):
         (lambda: sn.OnlineNorm(3, alpha_fwd=0.9, alpha_bkw=0.8), (5, 3, 32)),
         (lambda: sn.LayerNorm(48), (7, 48)),
         (lambda: sn.RMSNorm(32), (2, 3, 32)),
+        (lambda: sn.GroupNorm(2, 4), (3, 4, 8, 8)),
+        (lambda: sn.GroupNorm(2, 4), (3, 4, 40, 40)),  # rows longer than one piece
     ],
 )
 def test_layers_give_the_same_bits_streamed(rng, stream_everything, make, shape):
