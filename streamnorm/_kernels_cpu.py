@@ -872,18 +872,45 @@ def bn_bwd_sums_cols(dy, x, mean, k1, dx, write_dx, nthreads):
             r0, r1 = _span(t, M, nb)
             a1[:] = 0.0
             a2[:] = 0.0
-            for i in range(r0, r1):
-                for j in range(C):
-                    g = np.float64(dy[i, j])
-                    a1[j] += g
-                    a2[j] += g * (x[i, j] - mean[j])
-                if write_dx:
+            if write_dx:
+                for i in range(r0, r1):
+                    for j in range(C):
+                        g = np.float64(dy[i, j])
+                        a1[j] += g
+                        a2[j] += g * (x[i, j] - mean[j])
                     for j in range(C):
                         dx[i, j] = k1[j] * dy[i, j]
+            else:
+                _bn_sums_rows(dy, x, mean, r0, r1, a1, a2)
             p1[t] = a1
             p2[t] = a2
             t = _claim(counter)
     return p1.sum(axis=0), p2.sum(axis=0)
+
+
+@njit(**_JIT)
+def _bn_sums_rows(dy, x, mean, r0, r1, a1, a2):
+    """``a1 += Σ dy`` and ``a2 += Σ dy·(x - mean)`` per column over rows [r0, r1), in
+    float64, the rows read as four streams a quarter of the range each (as
+    :func:`_col_block_sums`), which also adds four rows to the sums at a time."""
+    C = x.shape[1]
+    q = (r1 - r0) // 4
+    for i in range(r0, r0 + q):
+        g0, g1, g2, g3 = dy[i], dy[i + q], dy[i + 2 * q], dy[i + 3 * q]
+        x0, x1, x2, x3 = x[i], x[i + q], x[i + 2 * q], x[i + 3 * q]
+        for j in range(C):
+            m = mean[j]
+            e0 = np.float64(g0[j])
+            e1 = np.float64(g1[j])
+            e2 = np.float64(g2[j])
+            e3 = np.float64(g3[j])
+            a1[j] += (e0 + e1) + (e2 + e3)
+            a2[j] += (e0 * (x0[j] - m) + e1 * (x1[j] - m)) + (e2 * (x2[j] - m) + e3 * (x3[j] - m))
+    for i in range(r0 + 4 * q, r1):
+        for j in range(C):
+            g = np.float64(dy[i, j])
+            a1[j] += g
+            a2[j] += g * (x[i, j] - mean[j])
 
 
 @njit(parallel=True, **_JIT)
@@ -925,57 +952,56 @@ def bn_sums(dy, x, mean, k1, dx, write_dx):
 
 
 @njit(**_JIT)
-def _bn_dx_cols(g, x, mean, k1, k2, k3, d):
-    """``d = k1·g + k2·(x - mean) + k3`` elementwise over one row."""
-    for j in range(g.shape[0]):
-        d[j] = k1[j] * g[j] + k2[j] * (x[j] - mean[j]) + k3[j]
+def _bn_dx_cols(g, x, mean, lo, k1, k2, k3, d):
+    """``d = k1·g + k2·(x - mean) + k3`` elementwise over one row (the mean as
+    ``mean + lo`` when ``lo`` is given, as :func:`_affine_cols`)."""
+    if lo is None:
+        for j in range(g.shape[0]):
+            d[j] = k1[j] * g[j] + k2[j] * (x[j] - mean[j]) + k3[j]
+    else:
+        for j in range(g.shape[0]):
+            d[j] = k1[j] * g[j] + k2[j] * ((x[j] - mean[j]) - lo[j]) + k3[j]
 
 
 @njit(**_JIT)
-def _bn_dx1(g, x, m, a, b, c, d):
-    """``d = a·g + b·(x - m) + c`` over one row, with scalar coefficients."""
+def _bn_dx1(g, x, m, lo, a, b, c, d):
+    """``d = a·g + b·(x - (m + lo)) + c`` over one row, with scalar coefficients."""
     for j in range(g.shape[0]):
-        d[j] = a * g[j] + b * (x[j] - m) + c
+        d[j] = a * g[j] + b * ((x[j] - m) - lo) + c
 
 
 @njit(**_JIT)
-def _bn_dx1_streamed(g, x, m, a, b, c, d, buf):
+def _bn_dx1_streamed(g, x, m, lo, a, b, c, d, buf):
     """:func:`_bn_dx1` into ``d`` piece by piece, as :func:`_affine1_streamed`."""
     L = g.shape[0]
     for j0 in range(0, L, _STREAM_PIECE):
         j1 = min(j0 + _STREAM_PIECE, L)
-        _bn_dx1(g[j0:j1], x[j0:j1], m, a, b, c, buf)
+        _bn_dx1(g[j0:j1], x[j0:j1], m, lo, a, b, c, buf)
         _stream_row(buf, d[j0:j1])
 
 
 @njit(parallel=True, **_JIT)
-def bn_bwd_dx_cols(dy, x, mean, k1, k2, k3, dx):
+def bn_bwd_dx_cols(dy, x, mean, lo, k1, k2, k3, dx):
     """``dx = k1·dy + k2·(x - mean) + k3`` per channel, for (M, C) data."""
-    M, C = x.shape
+    M = x.shape[0]
     for i in prange(M):
-        for j in range(C):
-            dx[i, j] = k1[j] * dy[i, j] + k2[j] * (x[i, j] - mean[j]) + k3[j]
+        _bn_dx_cols(dy[i], x[i], mean, lo, k1, k2, k3, dx[i])
 
 
 @njit(parallel=True, **_JIT)
-def bn_bwd_dx_ncl(dy, x, mean, k1, k2, k3, dx):
+def bn_bwd_dx_ncl(dy, x, mean, lo, k1, k2, k3, dx):
     """(N, C, L) twin of :func:`bn_bwd_dx_cols`."""
     N, C, L = x.shape
     for i in prange(N):
         for c in range(C):
-            a = k1[c]
-            b = k2[c]
-            cc = k3[c]
-            m = mean[c]
-            gr = dy[i, c]
-            xr = x[i, c]
-            dr = dx[i, c]
-            for j in range(L):
-                dr[j] = a * gr[j] + b * (xr[j] - m) + cc
+            if lo is None:
+                _bn_dx1(dy[i, c], x[i, c], mean[c], 0.0, k1[c], k2[c], k3[c], dx[i, c])
+            else:
+                _bn_dx1(dy[i, c], x[i, c], mean[c], lo[c], k1[c], k2[c], k3[c], dx[i, c])
 
 
 @njit(parallel=True, **_JIT)
-def bn_bwd_dx_cols_streamed(dy, x, mean, k1, k2, k3, dx, nthreads):
+def bn_bwd_dx_cols_streamed(dy, x, mean, lo, k1, k2, k3, dx, nthreads):
     """:func:`bn_bwd_dx_cols` with streaming stores, as :func:`apply_cols_streamed`."""
     M, C = x.shape
     nb = _deal_blocks(M, nthreads, 2 * C * x.itemsize)
@@ -986,14 +1012,14 @@ def bn_bwd_dx_cols_streamed(dy, x, mean, k1, k2, k3, dx, nthreads):
         while t < nb:
             r0, r1 = _span(t, M, nb)
             for i in range(r0, r1):
-                _bn_dx_cols(dy[i], x[i], mean, k1, k2, k3, buf)
+                _bn_dx_cols(dy[i], x[i], mean, lo, k1, k2, k3, buf)
                 _stream_row(buf, dx[i])
             t = _claim(counter)
         _store_fence()
 
 
 @njit(parallel=True, **_JIT)
-def bn_bwd_dx_ncl_streamed(dy, x, mean, k1, k2, k3, dx, nthreads):
+def bn_bwd_dx_ncl_streamed(dy, x, mean, lo, k1, k2, k3, dx, nthreads):
     """:func:`bn_bwd_dx_ncl` with streaming stores, as :func:`apply_ncl_streamed`."""
     N, C, L = x.shape
     nb = _deal_blocks(N, nthreads, 2 * C * L * x.itemsize)
@@ -1005,23 +1031,31 @@ def bn_bwd_dx_ncl_streamed(dy, x, mean, k1, k2, k3, dx, nthreads):
             r0, r1 = _span(t, N, nb)
             for i in range(r0, r1):
                 for c in range(C):
-                    _bn_dx1_streamed(dy[i, c], x[i, c], mean[c], k1[c], k2[c], k3[c], dx[i, c], buf)
+                    if lo is None:
+                        _bn_dx1_streamed(dy[i, c], x[i, c], mean[c], 0.0, k1[c], k2[c], k3[c], dx[i, c], buf)
+                    else:
+                        _bn_dx1_streamed(dy[i, c], x[i, c], mean[c], lo[c], k1[c], k2[c], k3[c], dx[i, c], buf)
             t = _claim(counter)
         _store_fence()
 
 
 def bn_dx(dy, x, mean, k1, k2, k3, dx):
     """``dx = k1·dy + k2·(x - mean) + k3`` per channel, for (M, C) or (N, C, L) data;
-    threads and kernel chosen as in :func:`affine`."""
+    threads and kernel chosen as in :func:`affine`.  float32 data, gradient and output
+    are computed in float32 arithmetic with the mean in two terms (as
+    :func:`affine_coefs`); float64 otherwise."""
     stream = _memory.streaming(dx, x.shape[-1])
+    # float32 coefficients only where x, dy and dx are all float32
+    m, lo, c1, c2 = affine_coefs(x if dy.dtype == np.float32 else dy, mean, k1, k2, dx)
+    c3 = _memory.lined(np.asarray(k3, c1.dtype))
+    args = (dy, x, m, lo, c1, c2, c3, dx)
     if x.ndim == 2:
-        mean, k1, k2, k3 = (_memory.lined(v) for v in (mean, k1, k2, k3))
         if stream:
-            return bn_bwd_dx_cols_streamed(dy, x, mean, k1, k2, k3, dx, get_num_threads())
-        return bn_bwd_dx_cols(dy, x, mean, k1, k2, k3, dx)
+            return bn_bwd_dx_cols_streamed(*args, get_num_threads())
+        return bn_bwd_dx_cols(*args)
     if stream:
-        return bn_bwd_dx_ncl_streamed(dy, x, mean, k1, k2, k3, dx, get_num_threads())
-    return bn_bwd_dx_ncl(dy, x, mean, k1, k2, k3, dx)
+        return bn_bwd_dx_ncl_streamed(*args, get_num_threads())
+    return bn_bwd_dx_ncl(*args)
 
 
 # ---------------------------------------------------------------------------
@@ -1477,9 +1511,9 @@ def online_bwd(dout, x, mu, var, u, v, alpha_f, alpha_b, eps, weight, update, mo
                         k3 = cb * uc
                         # with -b and -c: a·g - b·(x - m) - c, bit for bit
                         if stream:
-                            _bn_dx1_streamed(gr, xr, m, k1, -k2, -k3, dr, buf)
+                            _bn_dx1_streamed(gr, xr, m, 0.0, k1, -k2, -k3, dr, buf)
                         else:
-                            _bn_dx1(gr, xr, m, k1, -k2, -k3, dr)
+                            _bn_dx1(gr, xr, m, 0.0, k1, -k2, -k3, dr)
                         v[c] = vc + (w * sgy - cb * vc * syy) / L
                         u[c] = uc + (k1 * sg - k2 * (L * e) - L * k3) / L
                         mu[c], var[c] = _online_advance(m, var[c], mt, m2 / L, alpha_f)

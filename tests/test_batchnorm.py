@@ -233,6 +233,27 @@ def test_offset_data_float32_within_a_few_ulps(rng, shape):
     assert np.any(np.abs(once - ref) > 100 * bound)
 
 
+def test_float32_backward_within_a_few_ulps(rng):
+    # float32 gradients are written in float32 arithmetic from float64 sums and a
+    # two-term mean: within a few ulps of the terms of dx = k1·dy + k2·(x - μ) + k3
+    x = (1e4 + rng.standard_normal((3000, 2))).astype(np.float32)
+    dy = rng.standard_normal((3000, 2)).astype(np.float32)
+    w = np.array([1.5, -0.5])
+    y, cache = F.batch_norm_forward(x, w, np.zeros(2))
+    dx, dw, db = F.batch_norm_backward(dy, cache)
+    x64, g64 = x.astype(np.float64), dy.astype(np.float64)
+    m = 3000
+    r = 1 / np.sqrt(cache.var + 1e-5)
+    xhat = (x64 - cache.mean) * r
+    k1 = w * r
+    terms = np.abs(k1 * g64) + np.abs(k1 * g64.sum(0) / m) + np.abs(k1 * xhat * (g64 * xhat).sum(0) / m)
+    ref = k1 * (g64 - g64.sum(0) / m - xhat * (g64 * xhat).sum(0) / m)
+    assert dx.dtype == np.float32
+    assert np.all(np.abs(dx - ref) <= 8 * np.finfo(np.float32).eps * terms)
+    np.testing.assert_allclose(db, g64.sum(0), rtol=1e-12)
+    np.testing.assert_allclose(dw, (g64 * xhat).sum(0), rtol=1e-9)
+
+
 def test_out_buffer_is_written_and_checked(rng):
     x = rng.standard_normal((6, 3, 4)).astype(np.float32)
     out = np.empty_like(x)

@@ -111,7 +111,8 @@ def test_kernels_write_the_same_bits_streamed(rng, dtype, nthreads):
     for plain_kernel, streamed_kernel, args in (
         (K.apply_cols, K.apply_cols_streamed, (x, m, None, s, b)),
         (K.apply_cols, K.apply_cols_streamed, (x, m, m * 1e-9, s, b)),
-        (K.bn_bwd_dx_cols, K.bn_bwd_dx_cols_streamed, (dy, x, m, s, b, k3)),
+        (K.bn_bwd_dx_cols, K.bn_bwd_dx_cols_streamed, (dy, x, m, None, s, b, k3)),
+        (K.bn_bwd_dx_cols, K.bn_bwd_dx_cols_streamed, (dy, x, m, m * 1e-9, s, b, k3)),
     ):
         plain, streamed = np.empty((M, C), dtype), _aligned(rng, (M, C), dtype)
         plain_kernel(*args, plain)
@@ -124,7 +125,8 @@ def test_kernels_write_the_same_bits_streamed(rng, dtype, nthreads):
     for plain_kernel, streamed_kernel, args in (
         (K.apply_ncl, K.apply_ncl_streamed, (x3, mc, None, sc, bc)),
         (K.apply_ncl, K.apply_ncl_streamed, (x3, mc, mc * 1e-9, sc, bc)),
-        (K.bn_bwd_dx_ncl, K.bn_bwd_dx_ncl_streamed, (dy3, x3, mc, sc, bc, kc)),
+        (K.bn_bwd_dx_ncl, K.bn_bwd_dx_ncl_streamed, (dy3, x3, mc, None, sc, bc, kc)),
+        (K.bn_bwd_dx_ncl, K.bn_bwd_dx_ncl_streamed, (dy3, x3, mc, mc * 1e-9, sc, bc, kc)),
     ):
         plain, streamed = np.empty(x3.shape, dtype), _aligned(rng, x3.shape, dtype)
         plain_kernel(*args, plain)
