@@ -801,9 +801,11 @@ def _rownorm_backward(dy, cache: RowNormCache, out=None):
     dy2 = np.ascontiguousarray(canonical_view(dy, x2.shape))
     dx = _output(out, dy, x2.shape, _out_dtype(x2, dy2), (x2,))
     if x2.shape[0]:
+        single = x2.dtype == dy2.dtype == dx.dtype == np.float32  # dx in float32 (K._row_dx)
+        wdx = _memory.lined(np.asarray(cache.weight, dtype=np.float32 if single else np.float64))
         dw, db = K.rownorm_bwd(
-            dy2, x2, cache.weight, cache.mean, cache.rstd, cache.center, dx, _moments.nthreads(),
-            _memory.streaming(dx, x2.shape[1]),
+            dy2, x2, _memory.lined(cache.weight), wdx, cache.mean, cache.rstd, cache.center, dx,
+            _moments.nthreads(), _memory.streaming(dx, x2.shape[1]),
         )
     else:
         dw = np.zeros(x2.shape[1])

@@ -101,6 +101,26 @@ def test_float32_rows_within_a_few_ulps(rng, center):
     assert np.all(np.abs(y - ref) <= 4 * eps * (np.abs(ref - b) + np.abs(b)))
 
 
+@pytest.mark.parametrize("center", [True, False])
+def test_float32_backward_within_a_few_ulps(rng, center):
+    # float32 dx is written in float32 arithmetic from float64 row sums
+    x = (1e4 + rng.standard_normal((6, 512))).astype(np.float32)
+    dy = rng.standard_normal((6, 512)).astype(np.float32)
+    w = rng.normal(1, 0.5, 512)
+    fwd, bwd = (F.layer_norm_forward, F.layer_norm_backward) if center else (F.rms_norm_forward, F.rms_norm_backward)
+    _, cache = fwd(x, 512, w) if not center else fwd(x, 512, w, None)
+    dx = bwd(dy, cache)[0]
+    mu, r = cache.mean[:, None], cache.rstd[:, None]
+    g = dy.astype(np.float64) * w
+    xhat = (x.astype(np.float64) - mu) * r
+    mg = g.mean(1, keepdims=True) if center else 0.0
+    mgx = (g * xhat).mean(1, keepdims=True)
+    ref = r * (g - mg - xhat * mgx)
+    terms = r * (np.abs(g) + np.abs(mg) + np.abs(xhat * mgx))
+    assert dx.dtype == np.float32
+    assert np.all(np.abs(dx - ref) <= 8 * np.finfo(np.float32).eps * terms)
+
+
 def test_constant_float32_row_gives_exactly_bias():
     x = np.full((3, 40), 1e4 / 3, dtype=np.float32)
     b = np.linspace(-1, 1, 40)
@@ -147,7 +167,7 @@ def test_parameter_gradients_at_every_row_grouping(rng, rows, nthreads, center):
     rstd = 1 / np.sqrt(var + 1e-5)
     xhat = (x64 - mean[:, None]) * rstd[:, None]
     dx = np.empty_like(x)
-    dw, db = K.rownorm_bwd(dy, x, w, mean, rstd, center, dx, nthreads, False)
+    dw, db = K.rownorm_bwd(dy, x, w, w, mean, rstd, center, dx, nthreads, False)
     np.testing.assert_allclose(dw, (dy64 * xhat).sum(axis=0), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(db, dy64.sum(axis=0), rtol=1e-12, atol=1e-12)
     g = dy64 * w

@@ -140,8 +140,8 @@ def test_kernels_write_the_same_bits_streamed(rng, dtype, nthreads):
         mean, rstd = xr.mean(axis=1, dtype=np.float64), 1 / xr.std(axis=1, dtype=np.float64)
         plain, streamed = np.empty((R, D), dtype), _aligned(rng, (R, D), dtype)
         for center in (True, False):
-            gp = K.rownorm_bwd(dyr, xr, w, mean, rstd, center, plain, nthreads, False)
-            gs = K.rownorm_bwd(dyr, xr, w, mean, rstd, center, streamed, nthreads, True)
+            gp = K.rownorm_bwd(dyr, xr, w, w, mean, rstd, center, plain, nthreads, False)
+            gs = K.rownorm_bwd(dyr, xr, w, w, mean, rstd, center, streamed, nthreads, True)
             np.testing.assert_array_equal(streamed, plain)
             for a, b in zip(gs, gp):
                 np.testing.assert_array_equal(a, b)
