@@ -106,6 +106,38 @@ def _fma(typingctx, a, b, c):
 
 
 # ---------------------------------------------------------------------------
+# Vector width
+# ---------------------------------------------------------------------------
+
+
+@_intrinsic
+def _wide_vectors(typingctx):
+    """Let LLVM vectorize the calling function with 512-bit vectors where the core has
+    them (the function attribute ``"prefer-vector-width"="512"``); no code of its own.
+
+    LLVM's tuning for Intel's AVX-512 cores prefers 256-bit vectors, so that code
+    with a few vector instructions among scalar ones keeps the core's clock.  A
+    kernel that is nothing but vector float64 arithmetic gains from twice the lanes
+    and twice the registers: on the Xeon VM the row-norm backward's sums sweep ran
+    0.54 ns per value with 256-bit vectors and 0.38 with 512.  On cores without
+    AVX-512, and on other architectures, the attribute changes nothing.  It is a hint:
+    where llvmlite's attribute set refuses it, nothing is added.
+    """
+    sig = _types.void()
+
+    def codegen(context, builder, signature, args):
+        try:
+            # llvmlite's FunctionAttributes only admits the attributes it names; a
+            # string attribute goes into the underlying set, which it prints as is
+            set.add(builder.function.attributes, '"prefer-vector-width"="512"')
+        except Exception:  # pragma: no cover - a hint only
+            pass
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+# ---------------------------------------------------------------------------
 # Streaming stores
 #
 # A plain store to a line that is not in cache first reads the line from memory, so a
@@ -1142,6 +1174,7 @@ def _row_sums_grads1(g, x, w, mu, r, aw, ab):
     Returns ``(Σ g·w, Σ g·w·(x - μ))`` in float64 and adds the row's ``g·x̂`` to ``aw``
     and ``g`` to ``ab`` (the parameter gradients).
     """
+    _wide_vectors()
     s1 = 0.0
     s2 = 0.0
     for j in range(g.shape[0]):
@@ -1573,6 +1606,7 @@ def _online_fwd_rows4(x0, x1, x2, x3, o0, o1, o2, o3, m_, v_, w_, b_, a, eps, ap
     """Four consecutive samples over a block of channels, the state held in registers
     in between: it is read and written once for four samples.  Returns True when some
     ``var + eps`` left the float32 start's range (:func:`_inv_sqrt`)."""
+    _wide_vectors()
     bad = False
     for c in range(m_.shape[0]):
         w = w_[c]
@@ -1598,6 +1632,7 @@ def _online_fwd_block(x, out, m_, v_, w_, b_, c0, a, eps, approx):
     ``m_``, ``v_`` in place; returns as :func:`_online_fwd_rows4`."""
     N = x.shape[0]
     c1 = c0 + m_.shape[0]
+    _wide_vectors()
     bad = False
     n = 0
     while n + 4 <= N and c1 - c0 >= _ONLINE_WIDE:
@@ -1674,6 +1709,7 @@ def _online_bwd_step(xv, go, m, vv, u, vc, w, dw, db, a, cb, eps, approx):
 def _online_bwd_rows2(x0, x1, g0, g1, d0, d1, m_, v_, u_, vc_, w_, dw_, db_, a, cb, eps, approx):
     """Two consecutive samples over a block of channels, the state held in registers in
     between (with more rows at once LLVM no longer vectorizes the loop)."""
+    _wide_vectors()
     bad = False
     for c in range(m_.shape[0]):
         w = w_[c]
@@ -1696,6 +1732,7 @@ def _online_bwd_block(dout, x, dx, m_, v_, u_, vc_, w_, dw_, db_, c0, a, cb, eps
     advancing the block's state and sums in place; returns as :func:`_online_fwd_rows4`."""
     N = x.shape[0]
     c1 = c0 + m_.shape[0]
+    _wide_vectors()
     bad = False
     n = 0
     while n + 2 <= N and c1 - c0 >= _ONLINE_WIDE:
