@@ -1349,11 +1349,14 @@ def _groupnorm_out(xr, m, lo, s, b, orow, buf, stream):
 
 
 @njit(parallel=True, **_JIT)
-def groupnorm_bwd(dy, x, weight, G, mean, rstd, dx, nthreads):
+def groupnorm_bwd(dy, x, weight, G, mean, rstd, dx, nthreads, stream):
     """GroupNorm backward on (N*G, Cg, L) views; returns per-channel (dweight, dbias).
 
     Per block, with ``g = dy·w[c]`` and ``x̂ = (x - μ)·r`` over its D = Cg·L values:
-    ``dx = r·(g - mean(g) - x̂·mean(g·x̂))``.
+    ``dx = r·(g - mean(g) - x̂·mean(g·x̂))``, written per channel as BatchNorm's
+    ``dx = k1·dy + k2·(x - μ) + k3`` (:func:`_bn_dx1`): for float32 data, gradient and
+    output in float32 arithmetic from a two-term mean, and with ``stream`` through
+    streaming stores.
     """
     R, Cg, L = x.shape
     C = G * Cg
@@ -1362,7 +1365,9 @@ def groupnorm_bwd(dy, x, weight, G, mean, rstd, dx, nthreads):
     pw = np.zeros((nb, C))
     pb = np.zeros((nb, C))
     counter = np.zeros(1, np.int64)
+    single = x.itemsize == 4 and dy.itemsize == 4 and dx.itemsize == 4
     for _t in prange(nthreads):
+        buf = _lined_empty(min(L, _STREAM_PIECE) if stream else 0, dx.dtype)
         t = _claim(counter)
         while t < nb:
             r0, r1 = _span(t, R, nb)
@@ -1382,15 +1387,28 @@ def groupnorm_bwd(dy, x, weight, G, mean, rstd, dx, nthreads):
                 mg = sg / D
                 mgx = sgx * r / D
                 for ci in range(Cg):
-                    w = weight[ci + g * Cg]
-                    xr = x[i, ci]
-                    gr = dy[i, ci]
-                    dr = dx[i, ci]
-                    for j in range(L):
-                        xh = (xr[j] - mu) * r
-                        dr[j] = r * (gr[j] * w - mg - xh * mgx)
+                    k1 = r * weight[ci + g * Cg]
+                    k2 = -(r * r) * mgx
+                    k3 = -r * mg
+                    if single:
+                        h = np.float32(mu)
+                        _dx_to(dy[i, ci], x[i, ci], h, np.float32(mu - np.float64(h)), np.float32(k1),
+                               np.float32(k2), np.float32(k3), dx[i, ci], buf, stream)
+                    else:
+                        _dx_to(dy[i, ci], x[i, ci], mu, 0.0, k1, k2, k3, dx[i, ci], buf, stream)
             t = _claim(counter)
+        if stream:
+            _store_fence()
     return pw.sum(axis=0), pb.sum(axis=0)
+
+
+@njit(**_JIT)
+def _dx_to(g, x, m, lo, a, b, c, d, buf, stream):
+    """:func:`_bn_dx1`, through :func:`_bn_dx1_streamed` when ``stream``."""
+    if stream:
+        _bn_dx1_streamed(g, x, m, lo, a, b, c, d, buf)
+    else:
+        _bn_dx1(g, x, m, lo, a, b, c, d)
 
 
 # ---------------------------------------------------------------------------

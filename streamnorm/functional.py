@@ -1130,7 +1130,10 @@ def group_norm_backward(dy, cache: GroupNormCache, out: np.ndarray | None = None
     dx = _output(out, dy, x3.shape, _out_dtype(x3, dy3), (x3,))
     C = cache.weight.shape[0]
     if x3.size:
-        dw, db = K.groupnorm_bwd(dy3, x3, cache.weight, cache.num_groups, cache.mean, cache.rstd, dx, _moments.nthreads())
+        dw, db = K.groupnorm_bwd(
+            dy3, x3, cache.weight, cache.num_groups, cache.mean, cache.rstd, dx, _moments.nthreads(),
+            _memory.streaming(dx, x3.shape[2]),
+        )
     else:
         dw, db = np.zeros(C), np.zeros(C)
     return dx.reshape(dy.shape), dw, db

@@ -162,3 +162,26 @@ def test_groupnorm_float32_offset_within_a_few_ulps(rng):
     eps = np.finfo(np.float32).eps
     assert y.dtype == np.float32
     assert np.all(np.abs(y - ref) <= 4 * eps * (np.abs(ref - bv) + np.abs(bv)))
+
+
+def test_groupnorm_float32_backward_within_a_few_ulps(rng):
+    # float32 dx is written in float32 arithmetic from float64 block sums
+    x = (1e4 + rng.standard_normal((3, 4, 50))).astype(np.float32)
+    dy = rng.standard_normal((3, 4, 50)).astype(np.float32)
+    w = rng.normal(1, 0.5, 4)
+    _, cache = F.group_norm_forward(x, 2, w, np.zeros(4))
+    dx = F.group_norm_backward(dy, cache)[0]
+    mu = np.repeat(cache.mean.reshape(3, 2), 2, axis=1)[:, :, None]
+    r = np.repeat(cache.rstd.reshape(3, 2), 2, axis=1)[:, :, None]
+    g = dy.astype(np.float64) * w[:, None]
+    xhat = (x.astype(np.float64) - mu) * r
+
+    def group_mean(a):  # mean over each (sample, group) block, broadcast back
+        m = a.reshape(3, 2, 100).mean(axis=2)
+        return np.repeat(m, 2, axis=1)[:, :, None]
+
+    mg, mgx = group_mean(g), group_mean(g * xhat)
+    ref = r * (g - mg - xhat * mgx)
+    terms = r * (np.abs(g) + np.abs(mg) + np.abs(xhat * mgx))
+    assert dx.dtype == np.float32
+    assert np.all(np.abs(dx - ref) <= 8 * np.finfo(np.float32).eps * terms)
