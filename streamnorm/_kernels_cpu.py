@@ -1330,17 +1330,17 @@ def groupnorm_fwd(x, weight, bias, G, eps, out, mean, var, rstd, nthreads, strea
                     c = g * Cg + ci
                     if single:
                         h = np.float32(mu)
-                        _groupnorm_out(x[i, ci], h, np.float32(mu - np.float64(h)), np.float32(r * weight[c]),
+                        _affine1_to(x[i, ci], h, np.float32(mu - np.float64(h)), np.float32(r * weight[c]),
                                        np.float32(bias[c]), out[i, ci], buf, stream)
                     else:
-                        _groupnorm_out(x[i, ci], mu, 0.0, r * weight[c], bias[c], out[i, ci], buf, stream)
+                        _affine1_to(x[i, ci], mu, 0.0, r * weight[c], bias[c], out[i, ci], buf, stream)
             t = _claim(counter)
         if stream:
             _store_fence()
 
 
 @njit(**_JIT)
-def _groupnorm_out(xr, m, lo, s, b, orow, buf, stream):
+def _affine1_to(xr, m, lo, s, b, orow, buf, stream):
     """:func:`_affine1`, through :func:`_affine1_streamed` when ``stream``."""
     if stream:
         _affine1_streamed(xr, m, lo, s, b, orow, buf)
@@ -1392,10 +1392,10 @@ def groupnorm_bwd(dy, x, weight, G, mean, rstd, dx, nthreads, stream):
                     k3 = -r * mg
                     if single:
                         h = np.float32(mu)
-                        _dx_to(dy[i, ci], x[i, ci], h, np.float32(mu - np.float64(h)), np.float32(k1),
+                        _bn_dx1_to(dy[i, ci], x[i, ci], h, np.float32(mu - np.float64(h)), np.float32(k1),
                                np.float32(k2), np.float32(k3), dx[i, ci], buf, stream)
                     else:
-                        _dx_to(dy[i, ci], x[i, ci], mu, 0.0, k1, k2, k3, dx[i, ci], buf, stream)
+                        _bn_dx1_to(dy[i, ci], x[i, ci], mu, 0.0, k1, k2, k3, dx[i, ci], buf, stream)
             t = _claim(counter)
         if stream:
             _store_fence()
@@ -1403,7 +1403,7 @@ def groupnorm_bwd(dy, x, weight, G, mean, rstd, dx, nthreads, stream):
 
 
 @njit(**_JIT)
-def _dx_to(g, x, m, lo, a, b, c, d, buf, stream):
+def _bn_dx1_to(g, x, m, lo, a, b, c, d, buf, stream):
     """:func:`_bn_dx1`, through :func:`_bn_dx1_streamed` when ``stream``."""
     if stream:
         _bn_dx1_streamed(g, x, m, lo, a, b, c, d, buf)
