@@ -244,15 +244,6 @@ def _t_proddev(g, w, a, k):
 
 
 @njit(**_RED)
-def _row_sum_shifted(v, k):
-    """Σ (v[j] - k) in float64."""
-    s = 0.0
-    for j in range(v.shape[0]):
-        s += _t_dev(v[j], k)
-    return s
-
-
-@njit(**_RED)
 def _row_sumsq_dev(v, mu):
     """Σ (v[j] - mu)² in float64."""
     s = 0.0
@@ -749,7 +740,7 @@ def _affine1(xr, m, lo, s, b, orow):
 @njit(**_RED)
 def _affine1_sum_shifted(xr, m, s, b, orow, k):
     """:func:`_affine1` and, in the same sweep, ``Σ (xr[j] - k)`` in float64 (the sum
-    alone reassociated, as :func:`_row_sum_shifted`; ``orow`` the same bits as
+    alone reassociated, as :func:`_row_sums_shifted`; ``orow`` the same bits as
     :func:`_affine1`'s)."""
     acc = 0.0
     for j in range(xr.shape[0]):
@@ -767,6 +758,14 @@ def _affine1_streamed(xr, m, lo, s, b, orow, buf):
         j1 = min(j0 + _STREAM_PIECE, L)
         _affine1(xr[j0:j1], m, lo, s, b, buf)
         _stream_row(buf, orow[j0:j1])
+
+
+@njit(**_JIT)
+def _split32(mu):
+    """A float64 mean as two float32 terms ``(hi, lo)``, ``mu ≈ hi + lo`` (as
+    :func:`affine_coefs` does for vectors)."""
+    hi = np.float32(mu)
+    return hi, np.float32(mu - np.float64(hi))
 
 
 @njit(**_JIT)
@@ -793,10 +792,7 @@ def apply_ncl(x, mean, lo, scale, shift, out):
     N, C, L = x.shape
     for i in prange(N):
         for c in range(C):
-            if lo is None:
-                _affine1(x[i, c], mean[c], 0.0, scale[c], shift[c], out[i, c])
-            else:
-                _affine1(x[i, c], mean[c], lo[c], scale[c], shift[c], out[i, c])
+            _affine1(x[i, c], mean[c], _lo(lo, c), scale[c], shift[c], out[i, c])
 
 
 @njit(parallel=True, **_JIT)
@@ -832,10 +828,7 @@ def apply_ncl_streamed(x, mean, lo, scale, shift, out, nthreads):
             r0, r1 = _span(t, N, nb)
             for i in range(r0, r1):
                 for c in range(C):
-                    if lo is None:
-                        _affine1_streamed(x[i, c], mean[c], 0.0, scale[c], shift[c], out[i, c], buf)
-                    else:
-                        _affine1_streamed(x[i, c], mean[c], lo[c], scale[c], shift[c], out[i, c], buf)
+                    _affine1_streamed(x[i, c], mean[c], _lo(lo, c), scale[c], shift[c], out[i, c], buf)
             t = _claim(counter)
         _store_fence()
 
@@ -1026,10 +1019,7 @@ def bn_bwd_dx_ncl(dy, x, mean, lo, k1, k2, k3, dx):
     N, C, L = x.shape
     for i in prange(N):
         for c in range(C):
-            if lo is None:
-                _bn_dx1(dy[i, c], x[i, c], mean[c], 0.0, k1[c], k2[c], k3[c], dx[i, c])
-            else:
-                _bn_dx1(dy[i, c], x[i, c], mean[c], lo[c], k1[c], k2[c], k3[c], dx[i, c])
+            _bn_dx1(dy[i, c], x[i, c], mean[c], _lo(lo, c), k1[c], k2[c], k3[c], dx[i, c])
 
 
 @njit(parallel=True, **_JIT)
@@ -1063,10 +1053,7 @@ def bn_bwd_dx_ncl_streamed(dy, x, mean, lo, k1, k2, k3, dx, nthreads):
             r0, r1 = _span(t, N, nb)
             for i in range(r0, r1):
                 for c in range(C):
-                    if lo is None:
-                        _bn_dx1_streamed(dy[i, c], x[i, c], mean[c], 0.0, k1[c], k2[c], k3[c], dx[i, c], buf)
-                    else:
-                        _bn_dx1_streamed(dy[i, c], x[i, c], mean[c], lo[c], k1[c], k2[c], k3[c], dx[i, c], buf)
+                    _bn_dx1_streamed(dy[i, c], x[i, c], mean[c], _lo(lo, c), k1[c], k2[c], k3[c], dx[i, c], buf)
             t = _claim(counter)
         _store_fence()
 
@@ -1148,8 +1135,7 @@ def _row_out(xr, mu, r, weight, bias, orow):
     arithmetic, with the mean as two float32 terms and r rounded to float32 (the
     reasoning of ``affine_coefs``); in float64 otherwise."""
     if orow.itemsize == 4 and xr.itemsize == 4:
-        h = np.float32(mu)
-        lo = np.float32(mu - np.float64(h))
+        h, lo = _split32(mu)
         r32 = np.float32(r)
         for j in range(xr.shape[0]):
             orow[j] = (((xr[j] - h) - lo) * r32) * weight[j] + bias[j]
@@ -1193,8 +1179,7 @@ def _row_dx(g, x, w, mu, r, k2, k3, dx):
     float32 arithmetic (``w`` then float32), with the mean in two float32 terms and the
     coefficients rounded to float32 (as ``affine_coefs``); in float64 otherwise."""
     if dx.itemsize == 4 and x.itemsize == 4 and g.itemsize == 4:
-        h = np.float32(mu)
-        lo = np.float32(mu - np.float64(h))
+        h, lo = _split32(mu)
         r32 = np.float32(r)
         a = np.float32(k2)
         c = np.float32(k3)
@@ -1329,9 +1314,9 @@ def groupnorm_fwd(x, weight, bias, G, eps, out, mean, var, rstd, nthreads, strea
                 for ci in range(Cg):
                     c = g * Cg + ci
                     if single:
-                        h = np.float32(mu)
-                        _affine1_to(x[i, ci], h, np.float32(mu - np.float64(h)), np.float32(r * weight[c]),
-                                       np.float32(bias[c]), out[i, ci], buf, stream)
+                        h, lo = _split32(mu)
+                        _affine1_to(x[i, ci], h, lo, np.float32(r * weight[c]), np.float32(bias[c]), out[i, ci],
+                                    buf, stream)
                     else:
                         _affine1_to(x[i, ci], mu, 0.0, r * weight[c], bias[c], out[i, ci], buf, stream)
             t = _claim(counter)
@@ -1391,9 +1376,9 @@ def groupnorm_bwd(dy, x, weight, G, mean, rstd, dx, nthreads, stream):
                     k2 = -(r * r) * mgx
                     k3 = -r * mg
                     if single:
-                        h = np.float32(mu)
-                        _bn_dx1_to(dy[i, ci], x[i, ci], h, np.float32(mu - np.float64(h)), np.float32(k1),
-                               np.float32(k2), np.float32(k3), dx[i, ci], buf, stream)
+                        h, lo = _split32(mu)
+                        _bn_dx1_to(dy[i, ci], x[i, ci], h, lo, np.float32(k1), np.float32(k2), np.float32(k3),
+                                   dx[i, ci], buf, stream)
                     else:
                         _bn_dx1_to(dy[i, ci], x[i, ci], mu, 0.0, k1, k2, k3, dx[i, ci], buf, stream)
             t = _claim(counter)
